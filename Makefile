@@ -1,0 +1,47 @@
+# Everything a newcomer or CI types. `make test` needs only python3 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The interpreters `make test-all` checks, by pyenv version prefix.
+PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
+
+.PHONY: help venv lint test test-all emulator clean
+
+help:
+	@echo "make test      lint, type-check and run the tests in $(VENV)"
+	@echo "make test-all  run the tests on every Python in PYTHONS ($(PYTHONS)) found by pyenv"
+	@echo "make emulator  serve the IMDS emulator on 127.0.0.1:8254"
+	@echo "make clean     remove $(VENV) and caches"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check agent tests
+	$(BIN)/ruff format --check agent tests
+	$(BIN)/mypy --strict agent
+
+test: lint
+	$(BIN)/pytest
+
+# Tests only (linters are pinned to the default interpreter), in one venv per version.
+test-all:
+	@set -e; for version in $(PYTHONS); do \
+	  interpreter=$$(ls -d $$HOME/.pyenv/versions/$$version*/bin/python3 2>/dev/null | head -n1); \
+	  if [ -z "$$interpreter" ]; then echo "== Python $$version: not installed, skipped"; continue; fi; \
+	  echo "== $$($$interpreter --version)"; \
+	  $$interpreter -m venv .venv-$$version; \
+	  .venv-$$version/bin/python -m pip install --quiet -e '.[test]'; \
+	  .venv-$$version/bin/python -m pytest -q -p no:cacheprovider; \
+	done
+
+emulator: venv
+	$(BIN)/scheduled-events-agent emulator
+
+clean:
+	rm -rf $(VENV) .venv-3.* .mypy_cache .pytest_cache .ruff_cache .hypothesis *.egg-info

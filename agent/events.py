@@ -1,0 +1,344 @@
+"""The Scheduled Events model: parse a document into immutable objects, and write it back.
+
+Pure: no I/O, no clock. Invariants:
+- Parsing accepts every variation azure-facts section 2 lists (optional fields missing, RFC 1123
+  or ISO 8601 NotBefore, a weekday that does not match the date, ``""`` NotBefore, EventIds in
+  either case, unknown EventTypes and extra keys, integer or numeric-string incarnation).
+- Anything else raises :class:`~agent.errors.DocumentError`, and only that, with the JSON path
+  of the offending part.
+- EventIds are kept exactly as received (they are echoed back in approvals) and compared
+  case-insensitively through :attr:`ScheduledEvent.key`.
+- ``to_wire`` writes an event back with its fields as received, so a well-formed document
+  round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any
+
+from agent.errors import DocumentError
+
+KNOWN_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+SCHEDULED = "Scheduled"
+STARTED = "Started"
+
+# The documented keys, in the order Azure writes them on the wire.
+_WIRE_ORDER = (
+    "EventId",
+    "EventStatus",
+    "EventType",
+    "ResourceType",
+    "Resources",
+    "NotBefore",
+    "Description",
+    "EventSource",
+    "DurationInSeconds",
+)
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+        start=1,
+    )
+}
+# "Wed, 24 Jan 2018 21:20:44 GMT"; the weekday is optional and never checked against the date,
+# because one of Microsoft's documented examples carries the wrong one.
+_RFC1123 = re.compile(
+    r"^\s*(?:[A-Za-z]{3,9},\s*)?(\d{1,2})\s+([A-Za-z]{3})\s+(\d{4})\s+"
+    r"(\d{1,2}):(\d{2}):(\d{2})\s+(?:GMT|UTC|UT|Z|\+0000)\s*$"
+)
+# "2026-04-29T18:00:00Z", with optional fraction (any number of digits, as .NET writes seven)
+# and an optional offset; no offset means UTC.
+_ISO8601 = re.compile(
+    r"^\s*(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
+    r"(Z|z|[+-]\d{2}:?\d{2})?\s*$"
+)
+_DIGITS = re.compile(r"^\s*\d+\s*$")
+_SIGNED_DIGITS = re.compile(r"^\s*-?\d+\s*$")
+
+
+def parse_not_before(text: str) -> datetime | None:
+    """Read a NotBefore value: ``None`` for ``""``, else an aware UTC datetime.
+
+    Raises ValueError naming the value when it is neither RFC 1123 nor ISO 8601.
+    """
+    if text.strip() == "":
+        return None
+    match = _RFC1123.match(text)
+    if match:
+        day, month_name, year, hour, minute, second = match.groups()
+        month = _MONTHS.get(month_name.lower())
+        if month is None:
+            raise ValueError(f"unknown month {month_name!r} in {text!r}")
+        return datetime(
+            int(year), month, int(day), int(hour), int(minute), int(second), tzinfo=timezone.utc
+        )
+    match = _ISO8601.match(text)
+    if match:
+        year, month_text, day, hour, minute, second, fraction, offset = match.groups()
+        microsecond = int((fraction or "0")[:6].ljust(6, "0"))
+        moment = datetime(
+            int(year),
+            int(month_text),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            microsecond,
+            tzinfo=timezone.utc,
+        )
+        if offset and offset not in ("Z", "z"):
+            sign = -1 if offset[0] == "-" else 1
+            digits = offset[1:].replace(":", "")
+            try:
+                moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            except OverflowError:
+                raise ValueError(f"{text!r} is out of range") from None
+        return moment
+    raise ValueError(f"{text!r} is neither an RFC 1123 nor an ISO 8601 date")
+
+
+@dataclass(frozen=True)
+class ScheduledEvent:
+    """One event of the document. Optional fields are ``None`` when the document lacks them."""
+
+    event_id: str
+    event_type: str
+    status: str
+    resources: tuple[str, ...]
+    not_before: datetime | None
+    not_before_text: str | None
+    resource_type: str | None = None
+    description: str | None = None
+    source: str | None = None
+    duration_seconds: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def key(self) -> str:
+        """The EventId for comparisons: Azure's GUIDs come in either case."""
+        return self.event_id.lower()
+
+    @property
+    def is_known_type(self) -> bool:
+        return self.event_type in KNOWN_TYPES
+
+    def affects(self, vm_name: str) -> bool:
+        """True when ``vm_name`` is among Resources (Azure VM names are case-insensitive)."""
+        wanted = vm_name.lower()
+        return any(_resource_name(name) == wanted for name in self.resources)
+
+    def is_shared_with_others(self, vm_name: str) -> bool:
+        """True when Resources names a VM other than ``vm_name``: approving releases them too."""
+        wanted = vm_name.lower()
+        return any(_resource_name(name) != wanted for name in self.resources)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event as a JSON object, its fields as received, in Azure's key order."""
+        wire: dict[str, Any] = {
+            "EventId": self.event_id,
+            "EventStatus": self.status,
+            "EventType": self.event_type,
+        }
+        if self.resource_type is not None:
+            wire["ResourceType"] = self.resource_type
+        wire["Resources"] = list(self.resources)
+        if self.not_before_text is not None:
+            wire["NotBefore"] = self.not_before_text
+        if self.description is not None:
+            wire["Description"] = self.description
+        if self.source is not None:
+            wire["EventSource"] = self.source
+        if self.duration_seconds is not None:
+            wire["DurationInSeconds"] = self.duration_seconds
+        wire.update(_thaw(self.extra))
+        return wire
+
+
+@dataclass(frozen=True)
+class ScheduledEventsDocument:
+    """A whole document: its incarnation and its events, in the order received."""
+
+    incarnation: int
+    events: tuple[ScheduledEvent, ...]
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def find(self, event_id: str) -> ScheduledEvent | None:
+        wanted = event_id.lower()
+        return next((event for event in self.events if event.key == wanted), None)
+
+    def affecting(self, vm_name: str) -> tuple[ScheduledEvent, ...]:
+        return tuple(event for event in self.events if event.affects(vm_name))
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "DocumentIncarnation": self.incarnation,
+            "Events": [event.to_wire() for event in self.events],
+        }
+        wire.update(_thaw(self.extra))
+        return wire
+
+
+def parse_document_bytes(body: bytes | str) -> ScheduledEventsDocument:
+    """Parse a response body. Bodies that are not JSON raise DocumentError too."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        # UnicodeDecodeError is a ValueError too.
+        raise DocumentError(f"body is not JSON ({error})") from None
+    return parse_document(data)
+
+
+def parse_document(data: object) -> ScheduledEventsDocument:
+    """Parse an already-decoded JSON value into a document, or raise DocumentError."""
+    try:
+        return _parse_document(data)
+    except RecursionError:
+        raise DocumentError("nested too deeply") from None
+
+
+def _parse_document(data: object) -> ScheduledEventsDocument:
+    if not isinstance(data, dict):
+        raise DocumentError(f"expected a JSON object, got {_json_type(data)}")
+    if "DocumentIncarnation" not in data:
+        raise DocumentError("missing key", path="$.DocumentIncarnation")
+    incarnation = _parse_incarnation(data["DocumentIncarnation"])
+    if "Events" not in data:
+        raise DocumentError("missing key", path="$.Events")
+    raw_events = data["Events"]
+    if not isinstance(raw_events, list):
+        raise DocumentError(f"expected a list, got {_json_type(raw_events)}", path="$.Events")
+    events = tuple(_parse_event(raw, f"$.Events[{index}]") for index, raw in enumerate(raw_events))
+    seen: dict[str, int] = {}
+    for index, event in enumerate(events):
+        if event.key in seen:
+            raise DocumentError(
+                f"EventId {event.event_id!r} repeats $.Events[{seen[event.key]}]",
+                path=f"$.Events[{index}].EventId",
+            )
+        seen[event.key] = index
+    extra = {
+        key: value for key, value in data.items() if key not in ("DocumentIncarnation", "Events")
+    }
+    return ScheduledEventsDocument(incarnation, events, _freeze(extra))
+
+
+def _parse_incarnation(value: object) -> int:
+    path = "$.DocumentIncarnation"
+    if isinstance(value, bool):
+        raise DocumentError("expected an integer, got a boolean", path=path)
+    if isinstance(value, int):
+        if value < 0:
+            raise DocumentError(f"expected a non-negative integer, got {value}", path=path)
+        return value
+    if isinstance(value, str) and _DIGITS.match(value):
+        return int(value)
+    raise DocumentError(f"expected an integer, got {_describe(value)}", path=path)
+
+
+def _parse_event(raw: object, path: str) -> ScheduledEvent:
+    if not isinstance(raw, dict):
+        raise DocumentError(f"expected an event object, got {_json_type(raw)}", path=path)
+    event_id = _required_text(raw, "EventId", path)
+    event_type = _required_text(raw, "EventType", path)
+    status = _required_text(raw, "EventStatus", path)
+    resources_value = raw.get("Resources")
+    if not isinstance(resources_value, list) or not all(
+        isinstance(name, str) for name in resources_value
+    ):
+        raise DocumentError(
+            f"expected a list of VM names, got {_describe(resources_value)}",
+            path=f"{path}.Resources",
+        )
+    not_before_text = _optional_text(raw, "NotBefore", path)
+    try:
+        not_before = None if not_before_text is None else parse_not_before(not_before_text)
+    except ValueError as error:
+        raise DocumentError(str(error), path=f"{path}.NotBefore") from None
+    extra = {key: value for key, value in raw.items() if key not in _WIRE_ORDER}
+    return ScheduledEvent(
+        event_id=event_id,
+        event_type=event_type,
+        status=status,
+        resources=tuple(resources_value),
+        not_before=not_before,
+        not_before_text=not_before_text,
+        resource_type=_optional_text(raw, "ResourceType", path),
+        description=_optional_text(raw, "Description", path),
+        source=_optional_text(raw, "EventSource", path),
+        duration_seconds=_optional_integer(raw, "DurationInSeconds", path),
+        extra=_freeze(extra),
+    )
+
+
+def _required_text(raw: Mapping[str, object], key: str, path: str) -> str:
+    if key not in raw:
+        raise DocumentError("missing key", path=f"{path}.{key}")
+    value = raw[key]
+    if not isinstance(value, str) or value.strip() == "":
+        raise DocumentError(
+            f"expected a non-empty string, got {_describe(value)}", path=f"{path}.{key}"
+        )
+    return value
+
+
+def _optional_text(raw: Mapping[str, object], key: str, path: str) -> str | None:
+    value = raw.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise DocumentError(f"expected a string, got {_describe(value)}", path=f"{path}.{key}")
+
+
+def _optional_integer(raw: Mapping[str, object], key: str, path: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _SIGNED_DIGITS.match(value):
+        return int(value)
+    raise DocumentError(f"expected an integer, got {_describe(value)}", path=f"{path}.{key}")
+
+
+def _resource_name(name: str) -> str:
+    # Before api-version 2017-08-01 the names carried a leading underscore.
+    return name.lower().lstrip("_")
+
+
+def _freeze(value: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(json.loads(json.dumps(value)))
+
+
+def _thaw(value: Mapping[str, Any]) -> dict[str, Any]:
+    thawed: dict[str, Any] = json.loads(json.dumps(dict(value)))
+    return thawed
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{_json_type(value)} {text}"

@@ -1,0 +1,384 @@
+"""The Instance Metadata Service client: read Scheduled Events, approve them, read the instance.
+
+Invariants (azure-facts section 1):
+- Every request carries ``Metadata: true``; proxies are never used, whatever the environment
+  says (``trust_env`` is off and no proxies are ever passed).
+- One ``requests.Session``, so one kept-alive connection serves every poll. Requests are
+  serialised by a lock: the daemon's poller and its approvers may call from different threads.
+- The first Scheduled Events request may take two minutes (it turns the service on), so it alone
+  gets the long read timeout; once one has succeeded, requests get short ones.
+- 404, 410, 429, 5xx, timeouts and resets are retried with exponential backoff and jitter
+  (``Retry-After`` honoured), within a time budget, and no longer once the stop flag is set.
+  Any other 4xx is raised at once. Callers only ever see errors from ``agent.errors``.
+- ``If-None-Match`` is sent with the last ETag, and a 304 or a byte-identical body returns the
+  previous parsed document; neither is relied on for correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlencode
+
+import requests
+import structlog
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    sleep_using_event,
+    stop_before_delay,
+    stop_when_event_set,
+)
+
+from agent.errors import (
+    ImdsError,
+    ImdsRequestRejected,
+    ImdsResponseInvalid,
+    ImdsUnavailable,
+    OperationCancelled,
+)
+from agent.events import ScheduledEventsDocument, parse_document_bytes
+
+DEFAULT_URL = "http://169.254.169.254"
+DEFAULT_API_VERSION = "2020-07-01"
+INSTANCE_API_VERSION = "2021-02-01"
+SCHEDULED_EVENTS_PATH = "/metadata/scheduledevents"
+INSTANCE_PATH = "/metadata/instance"
+# A real document is a few hundred bytes an event; a thousand events fit in well under 1 MiB.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+_TRANSIENT_STATUSES = frozenset({404, 410, 429})
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Socket timeouts in seconds. ``first_read`` covers the service's two-minute cold start."""
+
+    connect: float = 2.0
+    read: float = 5.0
+    first_read: float = 125.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long transient failures are retried, and how the waits between attempts grow."""
+
+    budget_seconds: float = 30.0
+    initial_wait_seconds: float = 0.2
+    max_wait_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """The ``compute`` facts the agent uses. Every value is a string (``""`` when unset)."""
+
+    name: str
+    vm_id: str
+    subscription_id: str
+    resource_group_name: str
+    vm_scale_set_name: str
+    platform_update_domain: str
+    platform_fault_domain: str
+    location: str
+    zone: str
+    resource_id: str
+
+    @classmethod
+    def from_json(cls, data: object, url: str) -> InstanceMetadata:
+        compute = data.get("compute") if isinstance(data, dict) else None
+        if not isinstance(compute, dict):
+            raise ImdsResponseInvalid(f"imds: no 'compute' object in the answer of {url}", url=url)
+        name = compute.get("name")
+        if not isinstance(name, str) or name == "":
+            raise ImdsResponseInvalid(
+                f"imds: compute.name is missing or empty in the answer of {url} "
+                "(set vm_name in the configuration)",
+                url=url,
+            )
+
+        def text(key: str) -> str:
+            value = compute.get(key, "")
+            return value if isinstance(value, str) else str(value)
+
+        return cls(
+            name=name,
+            vm_id=text("vmId"),
+            subscription_id=text("subscriptionId"),
+            resource_group_name=text("resourceGroupName"),
+            vm_scale_set_name=text("vmScaleSetName"),
+            platform_update_domain=text("platformUpdateDomain"),
+            platform_fault_domain=text("platformFaultDomain"),
+            location=text("location"),
+            zone=text("zone"),
+            resource_id=text("resourceId"),
+        )
+
+
+class _TransientFailure(Exception):
+    """One attempt failed in a way worth retrying. Internal: never leaves this module."""
+
+    def __init__(self, description: str, status: int | None, retry_after: float | None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ImdsClient:
+    """Talks to IMDS at ``base_url``. Build one per process and keep it: it owns the connection."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_version: str = DEFAULT_API_VERSION,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        stop: threading.Event | None = None,
+        logger: Any = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._api_version = api_version
+        self._timeouts = timeouts
+        self._retry = retry
+        self._stop = stop if stop is not None else threading.Event()
+        self._log = logger if logger is not None else structlog.get_logger("agent.imds")
+        self._jitter = jitter
+        self._lock = threading.Lock()
+        self._session = requests.Session()
+        self._session.trust_env = False  # never a proxy, never a .netrc: IMDS is link-local
+        self._session.headers.update({"Metadata": "true", "User-Agent": "scheduled-events-agent"})
+        self._service_warm = False
+        self._etag: str | None = None
+        self._last_body: bytes | None = None
+        self._last_document: ScheduledEventsDocument | None = None
+        self._last_retry_reason: str | None = None
+
+    @property
+    def scheduled_events_url(self) -> str:
+        query = urlencode({"api-version": self._api_version})
+        return f"{self._base_url}{SCHEDULED_EVENTS_PATH}?{query}"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def fetch_scheduled_events(
+        self, *, budget_seconds: float | None = None
+    ) -> ScheduledEventsDocument:
+        """The current document. Raises ImdsError, DocumentError or OperationCancelled."""
+        url = self.scheduled_events_url
+
+        def attempt() -> ScheduledEventsDocument:
+            headers = {"If-None-Match": self._etag} if self._etag else {}
+            timeout = self._timeouts.read if self._service_warm else self._timeouts.first_read
+            status, body, response_headers = self._send("GET", url, headers, None, timeout)
+            self._service_warm = True
+            if status == 304 and self._last_document is not None:
+                return self._last_document
+            if status != 200:
+                raise ImdsResponseInvalid(f"imds: unexpected status {status} from {url}", url=url)
+            if body == self._last_body and self._last_document is not None:
+                return self._last_document
+            document = parse_document_bytes(body)
+            self._etag = response_headers.get("ETag")
+            self._last_body = body
+            self._last_document = document
+            return document
+
+        return self._with_retries(attempt, url, budget_seconds)
+
+    def approve(
+        self,
+        event_ids: Sequence[str],
+        *,
+        document_incarnation: int | None = None,
+        budget_seconds: float | None = None,
+    ) -> None:
+        """POST StartRequests for ``event_ids`` (as received) in one request."""
+        if not event_ids:
+            raise ValueError("approve() needs at least one EventId")
+        url = self.scheduled_events_url
+        payload: dict[str, Any] = {
+            "StartRequests": [{"EventId": event_id} for event_id in event_ids]
+        }
+        if document_incarnation is not None:
+            payload["DocumentIncarnation"] = document_incarnation
+        body = json.dumps(payload, separators=(",", ":")).encode()
+
+        def attempt() -> None:
+            status, _, _ = self._send(
+                "POST", url, {"Content-Type": "application/json"}, body, self._timeouts.read
+            )
+            if status != 200:
+                raise ImdsResponseInvalid(
+                    f"imds: approval of {', '.join(event_ids)} answered {status}", url=url
+                )
+
+        self._with_retries(attempt, url, budget_seconds)
+
+    def fetch_instance_metadata(self, *, budget_seconds: float | None = None) -> InstanceMetadata:
+        query = urlencode({"api-version": INSTANCE_API_VERSION})
+        url = f"{self._base_url}{INSTANCE_PATH}?{query}"
+
+        def attempt() -> InstanceMetadata:
+            status, body, _ = self._send("GET", url, {}, None, self._timeouts.read)
+            if status != 200:
+                raise ImdsResponseInvalid(f"imds: unexpected status {status} from {url}", url=url)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ImdsResponseInvalid(
+                    f"imds: the answer of {url} is not JSON: {_snippet(body)}", url=url
+                ) from None
+            return InstanceMetadata.from_json(data, url)
+
+        return self._with_retries(attempt, url, budget_seconds)
+
+    def _with_retries(self, attempt: Callable[[], _T], url: str, budget: float | None) -> _T:
+        budget_seconds = self._retry.budget_seconds if budget is None else budget
+
+        def guarded() -> _T:
+            if self._stop.is_set():
+                raise OperationCancelled(f"stopped before a request to {url}")
+            return attempt()
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(_TransientFailure),
+            stop=stop_before_delay(budget_seconds) | stop_when_event_set(self._stop),
+            wait=self._wait_seconds,
+            sleep=sleep_using_event(self._stop),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            result = retrying(guarded)
+        except _TransientFailure as failure:
+            if self._stop.is_set():
+                raise OperationCancelled(f"stopped while retrying {url}") from None
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise ImdsUnavailable(
+                f"imds: {failure.description} from {url}; gave up after {attempts} attempts "
+                f"in {budget_seconds:g} s (is this an Azure VM, and is imds.url right?)",
+                url=url,
+                status=failure.status,
+                attempts=attempts,
+            ) from None
+        if self._last_retry_reason is not None:
+            self._log.info("imds.recovered", url=url, after=self._last_retry_reason)
+            self._last_retry_reason = None
+        return result
+
+    def _wait_seconds(self, state: RetryCallState) -> float:
+        exponential = self._retry.initial_wait_seconds * 2 ** (state.attempt_number - 1)
+        wait: float = min(self._retry.max_wait_seconds, exponential) * (0.5 + self._jitter())
+        failure = state.outcome.exception() if state.outcome else None
+        if isinstance(failure, _TransientFailure) and failure.retry_after is not None:
+            wait = max(wait, failure.retry_after)
+        return wait
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        reason = str(failure)
+        wait = state.upcoming_sleep
+        if reason != self._last_retry_reason:
+            # A failure that repeats is logged once; its recovery is logged once too.
+            self._log.warning(
+                "imds.retrying",
+                reason=reason,
+                retry_in_seconds=round(wait, 2),
+                attempt=state.attempt_number,
+            )
+            self._last_retry_reason = reason
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        read_timeout: float,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        with self._lock:
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    headers=dict(headers),
+                    data=body,
+                    timeout=(self._timeouts.connect, read_timeout),
+                    stream=True,
+                    allow_redirects=False,
+                )
+                try:
+                    payload = _read_limited(response, url)
+                finally:
+                    response.close()
+            except requests.Timeout:
+                raise _TransientFailure(f"timed out after {read_timeout:g} s", None, None) from None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
+                raise _TransientFailure(
+                    f"connection failed ({_reason(error)})", None, None
+                ) from None
+            except requests.RequestException as error:
+                raise ImdsError(f"imds: cannot send {method} {url}: {error}", url=url) from None
+        status = response.status_code
+        if status in _TRANSIENT_STATUSES or status >= 500:
+            raise _TransientFailure(
+                f"{status} {response.reason}", status, _retry_after(response.headers)
+            )
+        if 400 <= status < 500:
+            raise ImdsRequestRejected(
+                f"imds: {method} {url} answered {status} {response.reason}: {_snippet(payload)} "
+                "(check imds.api_version; IMDS also refuses requests that went through a proxy)",
+                url=url,
+                status=status,
+            )
+        return status, payload, response.headers
+
+
+def _read_limited(response: requests.Response, url: str) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ImdsResponseInvalid(
+            f"imds: the answer of {url} is {declared} bytes, over the {MAX_BODY_BYTES} byte limit",
+            url=url,
+        )
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=65536):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ImdsResponseInvalid(
+                f"imds: the answer of {url} is over the {MAX_BODY_BYTES} byte limit", url=url
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 120 else None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    for marker in ("Connection refused", "Connection reset", "RemoteDisconnected", "timed out"):
+        if marker in text:
+            return marker
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _snippet(body: bytes) -> str:
+    text = body[:200].decode("utf-8", "replace").strip()
+    return repr(text) if text else "(empty body)"
