@@ -261,7 +261,10 @@ def _parse_event(raw: object, path: str) -> ScheduledEvent:
     try:
         not_before = None if not_before_text is None else parse_not_before(not_before_text)
     except ValueError as error:
-        raise DocumentError(str(error), path=f"{path}.NotBefore") from None
+        message = str(error)
+        if repr(not_before_text) not in message:
+            message = f"{not_before_text!r}: {message}"
+        raise DocumentError(message, path=f"{path}.NotBefore") from None
     extra = {key: value for key, value in raw.items() if key not in _WIRE_ORDER}
     return ScheduledEvent(
         event_id=event_id,

@@ -109,10 +109,12 @@ def emulator(start_emulator: Callable[..., Emulator]) -> Emulator:
     return start_emulator()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
+) -> None:
     """Wait for a condition with a deadline; fail the test if it never holds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.01)
+        time.sleep(interval)

@@ -1,4 +1,4 @@
-"""The emulator, over real HTTP on 127.0.0.1: every behaviour of SPEC section 7 and azure-facts 1-5."""
+"""The emulator over real HTTP on 127.0.0.1: the behaviours of SPEC 7 and azure-facts 1 to 5."""
 
 from __future__ import annotations
 
