@@ -1,0 +1,260 @@
+"""The configuration: YAML into frozen dataclasses, every problem reported at once by key path.
+
+Invariants (SPEC section 4):
+- Every key is optional; its default is the dataclass default, documented in
+  ``config.example.yaml`` (a test loads that file and compares it with these defaults).
+- Unknown keys are errors, and so are values of the wrong type or out of range: no silent
+  fallback. ``load`` raises one ConfigError listing every problem as ``dotted.path: message``.
+- ``check-config`` and ``run`` both go through ``load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/scheduled-events-agent/config.yaml")
+DEFAULT_METRICS_PORT = 9469
+KNOWN_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+SCHEDULED_EVENTS_VERSIONS = (
+    "2017-03-01",
+    "2017-08-01",
+    "2017-11-01",
+    "2019-01-01",
+    "2019-04-01",
+    "2019-08-01",
+    "2020-07-01",
+)
+
+
+@dataclass(frozen=True)
+class ImdsConfig:
+    url: str = "http://169.254.169.254"
+    api_version: str = "2020-07-01"
+    poll_interval_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    prepare_dir: str = "/etc/scheduled-events-agent/prepare.d"
+    recover_dir: str = "/etc/scheduled-events-agent/recover.d"
+    timeout_seconds: float = 300.0
+    kill_grace_seconds: float = 10.0
+    tempfail_retry_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    types: tuple[str, ...] = KNOWN_TYPES
+
+
+@dataclass(frozen=True)
+class ApprovalConfig:
+    mode: str = "on-success"
+    shared_events: str = "skip"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: str = "/var/lib/scheduled-events-agent/state.db"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    imds: ImdsConfig = field(default_factory=ImdsConfig)
+    vm_name: str | None = None
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# A message when the value is wrong, else None. (Optional: evaluated at run time on 3.9.)
+Check = Callable[[Any], Optional[str]]
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "expected a non-empty string"
+
+
+def _url(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        return f"expected an http:// URL, got {value!r}"
+    return None
+
+
+def _positive(maximum: float) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number of seconds, got {value!r}"
+        if not 0 < value <= maximum:
+            return f"expected more than 0 and at most {maximum:g}, got {value!r}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        if value not in choices:
+            return f"expected one of {', '.join(choices)}, got {value!r}"
+        return None
+
+    return check
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _types(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return f"expected a list of event types, got {value!r}"
+    unknown = [item for item in value if item not in KNOWN_TYPES]
+    if unknown:
+        return f"unknown event types {unknown} (known: {', '.join(KNOWN_TYPES)})"
+    return None
+
+
+def _listen(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or ":" not in value:
+        return f"expected HOST:PORT or null, got {value!r}"
+    port = value.rsplit(":", 1)[1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected a port from 1 to 65535 after the colon, got {value!r}"
+    return None
+
+
+# What each key accepts; the sections mirror the dataclasses above.
+_SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
+    "imds": (
+        ImdsConfig,
+        {
+            "url": _url,
+            "api_version": _one_of(*SCHEDULED_EVENTS_VERSIONS),
+            "poll_interval_seconds": _positive(60),
+        },
+    ),
+    "hooks": (
+        HooksConfig,
+        {
+            "prepare_dir": _text,
+            "recover_dir": _text,
+            "timeout_seconds": _positive(24 * 3600),
+            "kill_grace_seconds": _positive(600),
+            "tempfail_retry_seconds": _positive(600),
+        },
+    ),
+    "events": (EventsConfig, {"types": _types}),
+    "approval": (
+        ApprovalConfig,
+        {
+            "mode": _one_of("on-success", "always", "never"),
+            "shared_events": _one_of("skip", "approve"),
+        },
+    ),
+    "state": (StateConfig, {"path": _text}),
+    "metrics": (MetricsConfig, {"listen": _listen}),
+    "logging": (
+        LoggingConfig,
+        {
+            "format": _one_of("auto", "json", "console"),
+            "level": _one_of("debug", "info", "warning", "error"),
+        },
+    ),
+}
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    """Build a Config from decoded YAML; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "vm_name":
+            message = _optional_text(value)
+            if message:
+                problems.append(f"vm_name: {message}")
+            else:
+                sections["vm_name"] = value
+            continue
+        if key not in _SECTIONS:
+            problems.append(f"{key}: unknown key (known: vm_name, {', '.join(_SECTIONS)})")
+            continue
+        built = _section(key, value, problems)
+        if built is not None:
+            sections[key] = built
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(**sections)
+
+
+def _section(name: str, value: Any, problems: list[str]) -> Any:
+    cls, checks = _SECTIONS[name]
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(f"{name}: expected a mapping, got {value!r}")
+        return None
+    values: dict[str, Any] = {}
+    before = len(problems)
+    for key, item in value.items():
+        if key not in checks:
+            problems.append(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+            continue
+        message = checks[key](item)
+        if message:
+            problems.append(f"{name}.{key}: {message}")
+            continue
+        values[key] = tuple(item) if isinstance(item, list) else item
+    if len(problems) > before:
+        return None
+    defaults = {f.name for f in dataclasses.fields(cls)}
+    assert set(values) <= defaults  # the checks table and the dataclass agree
+    return cls(**values)
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Load the file at ``path``. The default path may be absent (defaults then apply);
+    a path given explicitly must exist."""
+    explicit = path is not None
+    config_path = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(
+                str(config_path), ["(file): not found (copy config.example.yaml there?)"]
+            ) from None
+        return Config()
+    except OSError as error:
+        raise ConfigError(str(config_path), [f"(file): cannot read it: {error.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(str(config_path), [f"(file): not valid YAML: {error}"]) from None
+    return parse(data, str(config_path))

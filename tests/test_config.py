@@ -1,0 +1,115 @@
+"""The configuration: defaults, the example file, and every problem reported by key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.config import Config, load, parse
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_example_file_documents_exactly_the_defaults() -> None:
+    assert load(ROOT / "config.example.yaml") == Config()
+
+
+def test_the_example_file_names_every_key() -> None:
+    data = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    defaults = Config()
+    for section, values in data.items():
+        if section == "vm_name":
+            continue
+        assert set(values) == set(vars(getattr(defaults, section))), section
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("")
+    assert load(path) == Config()
+
+
+def test_values_are_read_into_frozen_typed_objects() -> None:
+    config = parse(
+        {
+            "imds": {"url": "http://127.0.0.1:8254", "poll_interval_seconds": 0.5},
+            "vm_name": "web_4",
+            "events": {"types": ["Preempt"]},
+            "approval": {"mode": "always", "shared_events": "approve"},
+            "metrics": {"listen": None},
+        }
+    )
+    assert config.imds.url == "http://127.0.0.1:8254"
+    assert config.imds.poll_interval_seconds == 0.5
+    assert config.imds.api_version == "2020-07-01"
+    assert config.vm_name == "web_4"
+    assert config.events.types == ("Preempt",)
+    assert config.approval.mode == "always"
+    assert config.metrics.listen is None
+    with pytest.raises(AttributeError):
+        config.imds.url = "http://elsewhere"  # type: ignore[misc]
+
+
+def test_every_problem_is_listed_with_its_key_path() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(
+            {
+                "imds": {"url": "169.254.169.254", "poll_interval_seconds": 0, "colour": 1},
+                "hooks": {"timeout_seconds": "5m"},
+                "events": {"types": ["Reboot", "Explode"]},
+                "approval": {"mode": "sometimes"},
+                "metrics": {"listen": "127.0.0.1"},
+                "logging": "loud",
+                "vm_nmae": "typo",
+            },
+            "test.yaml",
+        )
+    problems = raised.value.problems
+    paths = [problem.split(":", 1)[0] for problem in problems]
+    assert paths == [
+        "imds.url",
+        "imds.poll_interval_seconds",
+        "imds.colour",
+        "hooks.timeout_seconds",
+        "events.types",
+        "approval.mode",
+        "metrics.listen",
+        "logging",
+        "vm_nmae",
+    ]
+    assert "'sometimes'" in str(raised.value)
+    assert "Explode" in str(raised.value)
+    assert str(raised.value).startswith("test.yaml: 9 problem(s):")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1, 2],
+        {"imds": {"api_version": "2021-02-01"}},
+        {"vm_name": ""},
+        {"hooks": {"kill_grace_seconds": True}},
+        {"metrics": {"listen": "127.0.0.1:70000"}},
+        {"approval": {"shared_events": "yes"}},
+    ],
+)
+def test_bad_values_are_rejected_not_defaulted(data: object) -> None:
+    with pytest.raises(ConfigError):
+        parse(data)
+
+
+def test_an_explicit_path_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_invalid_yaml_is_reported_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("imds: [\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    assert str(path) in str(raised.value)
+    assert "not valid YAML" in str(raised.value)
