@@ -297,11 +297,11 @@ def _kill_group(pid: int, signal_number: int) -> None:
 
 
 def _feed(stream: IO[bytes], data: bytes) -> None:
-    try:
+    # A hook may close its stdin without reading it: its choice, not an error.
+    with contextlib.suppress(OSError):
         stream.write(data)
+    with contextlib.suppress(OSError):
         stream.close()
-    except (BrokenPipeError, OSError):
-        pass  # the hook closed its stdin without reading: its choice
 
 
 def _reap(process: subprocess.Popen[bytes], exited: threading.Event) -> None:
