@@ -7,13 +7,17 @@ mistake gets a one-line message saying what, where, the value seen and a hint; n
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from agent import __version__
+from agent import __version__, logs
+from agent import config as config_module
+from agent.errors import AgentError, ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -29,6 +33,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    run = commands.add_parser("run", help="the daemon: poll, prepare, approve, recover")
+    _config_option(run)
+    run.add_argument("--once", action="store_true", help="one poll, handled fully, then exit")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide and log everything; run no hook, post nothing",
+    )
+
+    check = commands.add_parser("check-config", help="validate the configuration")
+    _config_option(check)
+
+    status = commands.add_parser("status", help="the events now pending and what was done")
+    _config_option(status)
+    status.add_argument("--json", action="store_true", help="JSON for scripts")
+
+    history = commands.add_parser("history", help="past events from the state store")
+    _config_option(history)
+    history.add_argument("--json", action="store_true", help="JSON for scripts")
+    history.add_argument("--limit", type=int, default=20, help="at most N events (default 20)")
+
+    approve = commands.add_parser("approve", help="approve an event by hand")
+    approve.add_argument("event_id", metavar="EVENT_ID")
+    _config_option(approve)
+    approve.add_argument(
+        "--force", action="store_true", help="approve even an event shared with other VMs"
+    )
 
     emulator = commands.add_parser(
         "emulator", help="serve an emulator of the IMDS endpoints, to rehearse hooks off Azure"
@@ -64,12 +96,165 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default {config_module.DEFAULT_PATH})",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     if arguments.command == "emulator":
         return _run_emulator(parser, arguments)
+    try:
+        config = config_module.load(arguments.config)
+    except ConfigError as error:
+        print(f"scheduled-events-agent: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if arguments.command == "check-config":
+            print(f"{arguments.config or config_module.DEFAULT_PATH}: configuration is valid")
+            return EXIT_OK
+        if arguments.command == "run":
+            return _run_daemon(config, arguments)
+        if arguments.command in ("status", "history"):
+            return _report(config, arguments)
+        if arguments.command == "approve":
+            return _approve(config, arguments)
+    except AgentError as error:
+        print(f"scheduled-events-agent {arguments.command}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     parser.error(f"unknown command {arguments.command}")
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    def request_stop(signal_number: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+
+def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    from agent.clock import SystemClock
+    from agent.daemon import Collaborators, Daemon
+    from agent.hooks import HookRunner
+    from agent.imds import ImdsClient
+    from agent.state import Store
+
+    logs.configure(config.logging.format, config.logging.level)
+    log = logs.get_logger("agent")
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    clock = SystemClock(stop)
+    imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
+    vm_name = config.vm_name
+    if vm_name is None:
+        # The first call may wake a cold IMDS, which takes up to two minutes.
+        vm_name = imds.fetch_instance_metadata(budget_seconds=150).name
+        log.info("agent.vm_name", vm_name=vm_name, source="instance metadata")
+    # A dry run keeps its memory to itself: a later real run must not think work was done.
+    store = Store(":memory:" if arguments.dry_run else config.state.path)
+    failpoints = os.environ.get("SCHEDULED_EVENTS_AGENT_FAILPOINTS", "")
+    parts = Collaborators(
+        config=config,
+        imds=imds,
+        hooks=HookRunner(
+            clock,
+            stop,
+            log,
+            kill_grace_seconds=config.hooks.kill_grace_seconds,
+            tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
+        ),
+        store=store,
+        clock=clock,
+        stop=stop,
+        log=log,
+        vm_name=vm_name,
+        dry_run=arguments.dry_run,
+        check_ownership=os.geteuid() == 0,
+        failpoints=frozenset(name for name in failpoints.split(",") if name),
+    )
+    daemon = Daemon(parts)
+    try:
+        return daemon.run_once() if arguments.once else daemon.run()
+    finally:
+        store.close()
+        imds.close()
+
+
+def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    from agent import report
+    from agent.state import Store
+
+    store = Store(config.state.path, read_only=True)
+    try:
+        if arguments.command == "status":
+            status = report.status(store)
+            print(json.dumps(status, indent=2) if arguments.json else report.status_text(status))
+        else:
+            if arguments.limit < 1:
+                print("scheduled-events-agent history: --limit must be >= 1", file=sys.stderr)
+                return EXIT_USAGE
+            events = report.history(store, arguments.limit)
+            print(json.dumps(events, indent=2) if arguments.json else report.history_text(events))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from agent.imds import ImdsClient
+    from agent.state import Store
+
+    imds = ImdsClient(config.imds.url, api_version=config.imds.api_version)
+    vm_name = config.vm_name or imds.fetch_instance_metadata().name
+    document = imds.fetch_scheduled_events()
+    event = document.find(arguments.event_id)
+    prefix = f"scheduled-events-agent approve: event {arguments.event_id}"
+    if event is None:
+        print(
+            f"{prefix} is not in the document (ids now: "
+            f"{', '.join(e.event_id for e in document.events) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if event.status != "Scheduled":
+        print(f"{prefix} is {event.status}: there is nothing to approve", file=sys.stderr)
+        return EXIT_FAILURE
+    others = [name for name in event.resources if name.lower() != vm_name.lower()]
+    if others and not arguments.force:
+        print(
+            f"{prefix} also names {', '.join(others)}: approving releases them too, ready or "
+            "not (use --force if that is what you want)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    store = Store(config.state.path)
+    try:
+        if store.approval_may_have_landed(event.key) and not arguments.force:
+            print(
+                f"{prefix} was approved already (see status; --force sends it again)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        approval_id = store.approval_started(event.key, "manual", datetime.now(timezone.utc))
+        try:
+            imds.approve([event.event_id])
+        except AgentError as error:
+            store.approval_finished(approval_id, "failed", datetime.now(timezone.utc), str(error))
+            raise
+        store.approval_finished(approval_id, "succeeded", datetime.now(timezone.utc))
+    finally:
+        store.close()
+        imds.close()
+    print(f"approved {event.event_id} ({event.event_type}, {' '.join(event.resources)})")
+    return EXIT_OK
 
 
 def _run_emulator(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> int:
@@ -109,12 +294,7 @@ def _run_emulator(parser: argparse.ArgumentParser, arguments: argparse.Namespace
         )
         return EXIT_FAILURE
     stop = threading.Event()
-
-    def request_stop(signal_number: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    _install_stop_signals(stop)
     if scenario is not None:
         scenario.attach(world)
     server.start()

@@ -1,0 +1,390 @@
+"""The daemon: poll, and carry out what the lifecycle decides. A thin shell around a pure core.
+
+Invariants:
+- The poll loop never waits for a hook: each event's work (prepare, approve, recover) runs in a
+  worker thread of its own, so a Preempt's 30 s notice is met while a long Reboot hook runs.
+- An unchanged document (the client hands back the very same object) costs a comparison: no
+  planning, no store writes.
+- A worker moves straight from the end of its prepare hooks to the approval: it never waits
+  for the next poll.
+- Every step is recorded in the store before it is taken (see ``state``); after a restart the
+  first good document resumes every unfinished event where it stopped.
+- Stopping is a flag: waits end early, running hooks get their grace, workers are joined.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.clock import Clock
+from agent.config import Config
+from agent.errors import (
+    AgentError,
+    DocumentError,
+    ImdsError,
+    ImdsRequestRejected,
+    OperationCancelled,
+)
+from agent.events import ScheduledEvent, ScheduledEventsDocument
+from agent.hooks import INTERRUPTED, HookContext, HookRunner, deadline_for, discover
+from agent.imds import ImdsClient
+from agent.lifecycle import (
+    ACTIVE,
+    APPROVED,
+    APPROVING,
+    IGNORED,
+    PREPARING,
+    RECOVERING,
+    WAITING,
+    decide_approval,
+    plan,
+)
+from agent.state import Store
+
+POLL_BUDGET_SECONDS = 5.0
+HEARTBEAT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """Everything the daemon uses, built by the command line (or a test)."""
+
+    config: Config
+    imds: ImdsClient
+    hooks: HookRunner
+    store: Store
+    clock: Clock
+    stop: threading.Event
+    log: Any
+    vm_name: str
+    dry_run: bool = False
+    check_ownership: bool = False
+    failpoints: Collection[str] = ()
+
+
+class Daemon:
+    def __init__(self, parts: Collaborators) -> None:
+        self._parts = parts
+        self._config = parts.config
+        self._store = parts.store
+        self._clock = parts.clock
+        self._stop = parts.stop
+        self._log = parts.log.bind(vm_name=parts.vm_name)
+        self._latest: ScheduledEventsDocument | None = None
+        self._handled: ScheduledEventsDocument | None = None
+        self._resumed = False
+        self._gone: set[str] = set()
+        self._workers: dict[str, threading.Thread] = {}
+        self._wakeups: dict[str, int] = {}
+        self._workers_lock = threading.Lock()
+        self._last_failure: str | None = None
+        self._last_heartbeat = float("-inf")
+
+    # The loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Poll every interval until stopped; then let running work finish its grace."""
+        self._log.info(
+            "agent.started",
+            imds_url=self._config.imds.url,
+            dry_run=self._parts.dry_run,
+            poll_interval_seconds=self._config.imds.poll_interval_seconds,
+        )
+        interval = self._config.imds.poll_interval_seconds
+        while not self._stop.is_set():
+            started = self._clock.monotonic()
+            self.poll()
+            self._clock.wait(interval - (self._clock.monotonic() - started))
+        self._join_workers()
+        self._log.info("agent.stopped")
+        return 0
+
+    def run_once(self) -> int:
+        """One poll, handled fully: every worker it starts runs to its end."""
+        ok = self.poll(budget_seconds=30.0)
+        self._join_workers()
+        return 0 if ok else 1
+
+    def poll(self, budget_seconds: float = POLL_BUDGET_SECONDS) -> bool:
+        try:
+            document = self._parts.imds.fetch_scheduled_events(budget_seconds=budget_seconds)
+        except OperationCancelled:
+            return False
+        except (ImdsError, DocumentError) as error:
+            reason = str(error)
+            if reason != self._last_failure:
+                # A failure that repeats is logged once, and again only when it changes.
+                self._log.error("imds.poll_failed", reason=reason)
+                self._last_failure = reason
+            return False
+        if self._last_failure is not None:
+            self._log.info("imds.poll_recovered", after=self._last_failure)
+            self._last_failure = None
+        self._latest = document
+        if document is not self._handled:
+            self._handle(document)
+            self._handled = document
+        self._heartbeat(document)
+        return True
+
+    def _heartbeat(self, document: ScheduledEventsDocument) -> None:
+        now = self._clock.monotonic()
+        if self._parts.dry_run or now - self._last_heartbeat < HEARTBEAT_SECONDS:
+            return
+        self._last_heartbeat = now
+        self._store.set_meta(
+            last_poll_at=self._clock.now().isoformat(timespec="seconds"),
+            document_incarnation=str(document.incarnation),
+            vm_name=self._parts.vm_name,
+        )
+
+    def _handle(self, document: ScheduledEventsDocument) -> None:
+        now = self._clock.now()
+        known = self._store.known_unfinished()
+        changes = plan(document, known, self._parts.vm_name, self._config.events.types)
+        for event, relevance in changes.discovered:
+            if self._store.get(event.key) is not None:
+                # Seen before and finished: an event is never worked twice.
+                self._log.warning("event.reappeared", event_id=event.event_id)
+                continue
+            self._store.discover(
+                event,
+                relevant=relevance.relevant,
+                reason=relevance.reason,
+                document_incarnation=document.incarnation,
+                now=now,
+            )
+            self._log.info(
+                "event.discovered" if relevance.relevant else "event.ignored",
+                event_id=event.event_id,
+                event_type=event.event_type,
+                status=event.status,
+                not_before=event.not_before_text,
+                resources=list(event.resources),
+                reason=relevance.reason,
+            )
+            if relevance.relevant:
+                self._ensure_worker(event.key)
+        for event in changes.changed:
+            self._store.update_event(event, document.incarnation, now)
+            self._log.info("event.changed", event_id=event.event_id, status=event.status)
+        for key in changes.gone:
+            state, last = known[key]
+            self._log.info("event.gone", event_id=last.event_id if last else key, state=state)
+            if state == IGNORED:
+                self._store.move(key, "gone", now)
+            else:
+                self._ensure_worker(key, gone=True)
+        if not self._resumed:
+            self._resumed = True
+            for key, (state, _) in known.items():
+                if state in ACTIVE:
+                    self._ensure_worker(key)
+
+    # Workers -------------------------------------------------------------------------------
+
+    def _ensure_worker(self, key: str, *, gone: bool = False) -> None:
+        with self._workers_lock:
+            if gone:
+                self._gone.add(key)
+            # A running worker sees the wakeup before it finishes, and takes another step.
+            self._wakeups[key] = self._wakeups.get(key, 0) + 1
+            if key in self._workers:
+                return
+            worker = threading.Thread(target=self._work, args=(key,), name=f"event-{key[:8]}")
+            self._workers[key] = worker
+            worker.start()
+
+    def _join_workers(self) -> None:
+        while True:
+            with self._workers_lock:
+                workers = list(self._workers.values())
+            if not workers:
+                return
+            for worker in workers:
+                worker.join()
+
+    def _work(self, key: str) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._workers_lock:
+                    wakeups = self._wakeups.get(key, 0)
+                if self._step(key):
+                    continue
+                with self._workers_lock:
+                    if self._wakeups.get(key, 0) == wakeups:
+                        self._workers.pop(key, None)
+                        return
+        except AgentError as error:
+            self._log.error("event.work_failed", event_id=key, reason=str(error))
+        finally:
+            with self._workers_lock:
+                self._workers.pop(key, None)
+
+    def _step(self, key: str) -> bool:
+        """Carry out the next step of one event; False when there is nothing more to do now."""
+        record = self._store.get(key)
+        if record is None:
+            return False
+        now = self._clock.now()
+        gone = key in self._gone or record.gone_at is not None
+        if record.state == PREPARING:
+            if gone and not self._store.hook_runs(key, "prepare"):
+                self._store.move(key, "gone_before_hooks", now)
+                self._log.info(
+                    "event.done", event_id=record.event_id, reason="left before any hook ran"
+                )
+                return False
+            succeeded = self._run_phase("prepare", record.event)
+            if succeeded is None:
+                return False
+            return self._decide(record.event, succeeded, gone=key in self._gone)
+        if record.state == APPROVING:
+            if gone:
+                self._store.move(key, "approval_abandoned", now, decision="event left the document")
+                return True
+            return self._approve(self._current(record.event))
+        if record.state in (APPROVED, WAITING):
+            if not gone:
+                return False  # nothing to do until the event leaves
+            self._store.move(key, "gone", now)
+            return True
+        if record.state == RECOVERING:
+            succeeded = self._run_phase("recover", record.event)
+            if succeeded is None:
+                return False
+            self._store.move(key, "recovered", self._clock.now())
+            self._log.info(
+                "event.recovered" if succeeded else "event.recover_failed",
+                event_id=record.event_id,
+            )
+            return False
+        return False
+
+    def _current(self, event: ScheduledEvent) -> ScheduledEvent:
+        """The event's form in the newest document, or the stored one."""
+        latest = self._latest
+        found = latest.find(event.event_id) if latest is not None else None
+        return found if found is not None else event
+
+    def _decide(self, stored: ScheduledEvent, prepare_succeeded: bool, *, gone: bool) -> bool:
+        event = self._current(stored)
+        now = self._clock.now()
+        approval = self._config.approval
+        if gone:
+            approve, reason = False, "event left the document"
+        else:
+            decision = decide_approval(
+                event,
+                vm_name=self._parts.vm_name,
+                mode=approval.mode,
+                shared_events=approval.shared_events,
+                prepare_succeeded=prepare_succeeded,
+                now=now,
+            )
+            approve, reason = decision.approve, decision.reason
+        self._log.info(
+            "event.approval_decision", event_id=event.event_id, approve=approve, reason=reason
+        )
+        self._failpoint("after-prepare")
+        trigger = "prepared_approve" if approve else "prepared_no_approval"
+        self._store.move(event.key, trigger, now, decision=reason)
+        return True
+
+    def _approve(self, event: ScheduledEvent) -> bool:
+        now = self._clock.now()
+        key = event.key
+        if self._store.approval_may_have_landed(key):
+            # A POST went out before a restart and was never recorded back: it may have
+            # landed, and an event is never approved twice.
+            self._store.move(
+                key, "approval_abandoned", now, decision="approval sent before a restart"
+            )
+            self._log.warning("event.approval_not_repeated", event_id=event.event_id)
+            return True
+        if event.status != "Scheduled":
+            self._store.move(key, "approval_abandoned", now, decision=f"event is {event.status}")
+            return True
+        budget = (event.not_before - now).total_seconds() if event.not_before else 0.0
+        if budget <= 0:
+            self._store.move(key, "approval_abandoned", now, decision="NotBefore has passed")
+            return True
+        if self._parts.dry_run:
+            self._log.info("event.would_approve", event_id=event.event_id)
+            self._store.move(key, "approval_abandoned", now, decision="dry run")
+            return True
+        approval_id = self._store.approval_started(key, "agent", now)
+        try:
+            self._parts.imds.approve([event.event_id], budget_seconds=budget)
+        except OperationCancelled:
+            self._store.approval_finished(approval_id, "interrupted", self._clock.now())
+            return False
+        except ImdsRequestRejected as error:
+            self._store.approval_finished(approval_id, "refused", self._clock.now(), str(error))
+            self._store.move(key, "approval_abandoned", self._clock.now(), decision=str(error))
+            self._log.error("event.approval_failed", event_id=event.event_id, reason=str(error))
+            return True
+        except ImdsError as error:
+            self._store.approval_finished(approval_id, "failed", self._clock.now(), str(error))
+            self._store.move(key, "approval_abandoned", self._clock.now(), decision=str(error))
+            self._log.error("event.approval_failed", event_id=event.event_id, reason=str(error))
+            return True
+        self._failpoint("after-approval")
+        landed = self._clock.now()
+        self._store.approval_finished(approval_id, "succeeded", landed)
+        self._store.move(key, "approval_succeeded", landed)
+        lead = (event.not_before - landed).total_seconds() if event.not_before else None
+        self._log.info("event.approved", event_id=event.event_id, lead_seconds=lead)
+        return True
+
+    def _run_phase(self, phase: str, stored: ScheduledEvent) -> bool | None:
+        """Run a phase's hooks in order, skipping those that already succeeded for this event.
+
+        True when all succeeded (no hooks counts), False at the first failure, None if stopped.
+        """
+        hooks_config = self._config.hooks
+        directory = Path(
+            hooks_config.prepare_dir if phase == "prepare" else hooks_config.recover_dir
+        )
+        hooks = discover(directory, check_ownership=self._parts.check_ownership, log=self._log)
+        done = self._store.succeeded_hooks(stored.key, phase)
+        for hook in hooks:
+            if hook.name in done:
+                continue
+            if self._stop.is_set():
+                return None
+            if phase == "prepare" and stored.key in self._gone:
+                self._log.info(
+                    "event.prepare_cut_short", event_id=stored.event_id, next_hook=hook.name
+                )
+                return False
+            event = self._current(stored)
+            now = self._clock.now()
+            deadline = deadline_for(phase, event, now, hooks_config.timeout_seconds)
+            if self._parts.dry_run:
+                self._log.info(
+                    "hook.would_run", hook=hook.name, phase=phase, event_id=event.event_id
+                )
+                continue
+            incarnation = self._latest.incarnation if self._latest is not None else 0
+            run_id = self._store.hook_started(stored.key, phase, hook.name, now, deadline)
+            result = self._parts.hooks.run(
+                hook, HookContext(phase, event, self._parts.vm_name, incarnation, deadline)
+            )
+            self._store.hook_finished(run_id, result)
+            if result.outcome == INTERRUPTED:
+                return None
+            if not result.succeeded:
+                return False
+        return True
+
+    def _failpoint(self, name: str) -> None:
+        """Testing aid: die here, as ``kill -9`` would, when asked to (see tests/test_crash.py)."""
+        if name in self._parts.failpoints:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,118 @@
+"""What ``status`` and ``history`` show: built from the state store, as text or as JSON.
+
+Pure over the store's records: no I/O beyond the reads the caller passes in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from agent.lifecycle import ACTIVE
+from agent.state import EventRecord, Store
+
+
+def event_summary(store: Store, record: EventRecord) -> dict[str, Any]:
+    hooks = [
+        {
+            "phase": run.phase,
+            "hook": run.hook,
+            "outcome": run.outcome or "running or cut short",
+            "exit_status": run.exit_status,
+            "started_at": run.started_at,
+            "ended_at": run.ended_at,
+            "output_tail": run.output_tail,
+        }
+        for run in store.hook_runs(record.key)
+    ]
+    approvals = [
+        {
+            "source": approval.source,
+            "outcome": approval.outcome or "sent, outcome unknown",
+            "started_at": approval.started_at,
+            "ended_at": approval.ended_at,
+            "error": approval.error,
+        }
+        for approval in store.approvals(record.key)
+    ]
+    event = record.event
+    return {
+        "event_id": record.event_id,
+        "type": record.event_type,
+        "status": event.status,
+        "first_status": record.first_status,
+        "not_before": event.not_before.isoformat() if event.not_before else None,
+        "resources": list(event.resources),
+        "source": event.source,
+        "description": event.description,
+        "state": record.state,
+        "reason": record.reason,
+        "decision": record.decision,
+        "first_seen": record.first_seen,
+        "gone_at": record.gone_at,
+        "duration_seconds": _duration(record.first_seen, record.gone_at),
+        "hooks": hooks,
+        "approvals": approvals,
+    }
+
+
+def status(store: Store) -> dict[str, Any]:
+    meta = store.meta()
+    pending = [event_summary(store, record) for record in store.events(states=ACTIVE)]
+    return {
+        "vm_name": meta.get("vm_name"),
+        "last_poll_at": meta.get("last_poll_at"),
+        "document_incarnation": meta.get("document_incarnation"),
+        "events": pending,
+    }
+
+
+def history(store: Store, limit: int) -> list[dict[str, Any]]:
+    return [event_summary(store, record) for record in store.events(limit=limit)]
+
+
+def status_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"vm: {report['vm_name'] or 'unknown'}",
+        f"last poll recorded: {report['last_poll_at'] or 'never'}"
+        f" (incarnation {report['document_incarnation'] or '-'})",
+    ]
+    if not report["events"]:
+        lines.append("no events pending")
+    for event in report["events"]:
+        lines.extend(_event_lines(event))
+    return "\n".join(lines)
+
+
+def history_text(events: list[dict[str, Any]]) -> str:
+    if not events:
+        return "no events recorded"
+    lines: list[str] = []
+    for event in events:
+        lines.extend(_event_lines(event))
+    return "\n".join(lines)
+
+
+def _event_lines(event: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{event['event_id']}  {event['type']}  {event['status']}  state={event['state']}",
+        f"  seen {event['first_seen']}, NotBefore {event['not_before'] or '-'},"
+        f" resources {' '.join(event['resources']) or '-'}",
+        f"  why: {event['decision'] or event['reason']}",
+    ]
+    if event["duration_seconds"] is not None:
+        lines.append(f"  over after {event['duration_seconds']:.0f} s")
+    for hook in event["hooks"]:
+        status = "" if hook["exit_status"] is None else f" (exit {hook['exit_status']})"
+        lines.append(f"  {hook['phase']} hook {hook['hook']}: {hook['outcome']}{status}")
+    for approval in event["approvals"]:
+        lines.append(
+            f"  approval ({approval['source']}) at {approval['started_at']}: {approval['outcome']}"
+        )
+    return lines
+
+
+def _duration(first_seen: str, gone_at: str | None) -> float | None:
+    if gone_at is None:
+        return None
+    return (datetime.fromisoformat(gone_at) - datetime.fromisoformat(first_seen)).total_seconds()

@@ -1,0 +1,380 @@
+"""The state store: SQLite, keyed by EventId (lower-cased), shared safely with ``status``.
+
+Invariants (SPEC section 6):
+- Every step is written *before* it is carried out (a hook run's row before the hook starts, an
+  approval's row before the POST), and its end after, so after ``kill -9`` the store tells
+  exactly what finished: a hook run without an end was cut short and runs again; an approval
+  without an end may have landed and is never sent again.
+- Every state change goes through ``lifecycle.transition``: the table decides, the store records.
+- WAL journal and ``synchronous=FULL``: a reader (``status``) never blocks the daemon, and a
+  committed step survives a crash or a power cut.
+- One connection, used under a lock: the daemon's threads share it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StateError
+from agent.events import ScheduledEvent, parse_document
+from agent.hooks import HookResult
+from agent.lifecycle import transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_key TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    first_status TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    decision TEXT,
+    raw TEXT NOT NULL,
+    document_incarnation INTEGER NOT NULL,
+    first_seen TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    gone_at TEXT
+);
+CREATE TABLE IF NOT EXISTS hook_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_key TEXT NOT NULL REFERENCES events(event_key),
+    phase TEXT NOT NULL,
+    hook TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    deadline TEXT NOT NULL,
+    ended_at TEXT,
+    outcome TEXT,
+    exit_status INTEGER,
+    attempts INTEGER,
+    output_tail TEXT
+);
+CREATE INDEX IF NOT EXISTS hook_runs_by_event ON hook_runs(event_key, phase);
+CREATE TABLE IF NOT EXISTS approvals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_key TEXT NOT NULL REFERENCES events(event_key),
+    source TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    outcome TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS approvals_by_event ON approvals(event_key);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    key: str
+    event_id: str
+    event_type: str
+    first_status: str
+    state: str
+    reason: str
+    decision: str | None
+    event: ScheduledEvent
+    document_incarnation: int
+    first_seen: str
+    updated_at: str
+    gone_at: str | None
+
+
+@dataclass(frozen=True)
+class HookRun:
+    id: int
+    phase: str
+    hook: str
+    started_at: str
+    deadline: str
+    ended_at: str | None
+    outcome: str | None
+    exit_status: int | None
+    attempts: int | None
+    output_tail: str | None
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    id: int
+    source: str
+    started_at: str
+    ended_at: str | None
+    outcome: str | None
+    error: str | None
+
+
+class Store:
+    """The agent's memory. ``read_only`` opens an existing store for ``status`` and ``history``."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        try:
+            if read_only:
+                if not Path(self.path).exists():
+                    raise StateError(
+                        f"state store {self.path} does not exist yet (has the agent run?)",
+                        path=self.path,
+                    )
+                uri = f"file:{Path(self.path).resolve()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+            else:
+                if self.path != ":memory:":
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+            self._db.row_factory = sqlite3.Row
+        except (sqlite3.Error, OSError) as error:
+            raise StateError(
+                f"state store {self.path} cannot be opened: {error} "
+                "(check state.path and its directory's permissions)",
+                path=self.path,
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with self._db:  # one transaction, committed on success
+                    yield self._db
+            except sqlite3.Error as error:
+                raise StateError(
+                    f"state store {self.path} cannot be written: {error}", path=self.path
+                ) from None
+
+    def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as error:
+                raise StateError(
+                    f"state store {self.path} cannot be read: {error}", path=self.path
+                ) from None
+
+    # Events --------------------------------------------------------------------------------
+
+    def discover(
+        self,
+        event: ScheduledEvent,
+        *,
+        relevant: bool,
+        reason: str,
+        document_incarnation: int,
+        now: datetime,
+    ) -> EventRecord:
+        state = transition(event.event_id, None, "discovered" if relevant else "discovered_ignored")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
+                " raw, document_incarnation, first_seen, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.key,
+                    event.event_id,
+                    event.event_type,
+                    event.status,
+                    state,
+                    reason,
+                    json.dumps(event.to_wire()),
+                    document_incarnation,
+                    _iso(now),
+                    _iso(now),
+                ),
+            )
+        record = self.get(event.key)
+        assert record is not None
+        return record
+
+    def update_event(self, event: ScheduledEvent, document_incarnation: int, now: datetime) -> None:
+        """Keep the latest form of an event (Scheduled to Started, say)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE events SET raw = ?, document_incarnation = ?, updated_at = ?"
+                " WHERE event_key = ?",
+                (json.dumps(event.to_wire()), document_incarnation, _iso(now), event.key),
+            )
+
+    def move(self, key: str, trigger: str, now: datetime, *, decision: str | None = None) -> str:
+        """Apply ``trigger`` to the event's state through the transition table."""
+        with self._lock:
+            record = self.get(key)
+            if record is None:
+                raise StateError(f"no event {key} in the state store", path=self.path)
+            state = transition(record.event_id, record.state, trigger)
+            with self._write() as db:
+                db.execute(
+                    "UPDATE events SET state = ?, updated_at = ?, decision = COALESCE(?, decision),"
+                    " gone_at = CASE WHEN ? THEN ? ELSE gone_at END WHERE event_key = ?",
+                    (
+                        state,
+                        _iso(now),
+                        decision,
+                        trigger.startswith("gone"),
+                        _iso(now),
+                        key,
+                    ),
+                )
+            return state
+
+    def get(self, key: str) -> EventRecord | None:
+        rows = self._read("SELECT * FROM events WHERE event_key = ?", (key.lower(),))
+        return _event_record(rows[0]) if rows else None
+
+    def events(
+        self, *, states: frozenset[str] | None = None, limit: int | None = None
+    ) -> list[EventRecord]:
+        rows = self._read("SELECT * FROM events ORDER BY first_seen DESC, event_key")
+        records = [_event_record(row) for row in rows]
+        if states is not None:
+            records = [record for record in records if record.state in states]
+        return records[:limit] if limit is not None else records
+
+    def known_unfinished(self) -> dict[str, tuple[str, ScheduledEvent | None]]:
+        """The state and last seen form of every event not done yet, for the planner."""
+        rows = self._read("SELECT * FROM events WHERE state != 'done'")
+        return {row["event_key"]: (row["state"], _event_record(row).event) for row in rows}
+
+    # Hook runs -----------------------------------------------------------------------------
+
+    def hook_started(
+        self, key: str, phase: str, hook: str, started_at: datetime, deadline: datetime
+    ) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO hook_runs (event_key, phase, hook, started_at, deadline)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key, phase, hook, _iso(started_at), _iso(deadline)),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def hook_finished(self, run_id: int, result: HookResult) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE hook_runs SET ended_at = ?, outcome = ?, exit_status = ?, attempts = ?,"
+                " output_tail = ? WHERE id = ?",
+                (
+                    _iso(result.ended_at),
+                    result.outcome,
+                    result.exit_status,
+                    result.attempts,
+                    result.output_tail,
+                    run_id,
+                ),
+            )
+
+    def hook_runs(self, key: str, phase: str | None = None) -> list[HookRun]:
+        sql = "SELECT * FROM hook_runs WHERE event_key = ?"
+        parameters: tuple[Any, ...] = (key,)
+        if phase is not None:
+            sql += " AND phase = ?"
+            parameters += (phase,)
+        rows = self._read(sql + " ORDER BY id", parameters)
+        return [
+            HookRun(
+                id=row["id"],
+                phase=row["phase"],
+                hook=row["hook"],
+                started_at=row["started_at"],
+                deadline=row["deadline"],
+                ended_at=row["ended_at"],
+                outcome=row["outcome"],
+                exit_status=row["exit_status"],
+                attempts=row["attempts"],
+                output_tail=row["output_tail"],
+            )
+            for row in rows
+        ]
+
+    def succeeded_hooks(self, key: str, phase: str) -> set[str]:
+        return {run.hook for run in self.hook_runs(key, phase) if run.outcome == "succeeded"}
+
+    # Approvals -----------------------------------------------------------------------------
+
+    def approval_started(self, key: str, source: str, now: datetime) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO approvals (event_key, source, started_at) VALUES (?, ?, ?)",
+                (key, source, _iso(now)),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def approval_finished(
+        self, approval_id: int, outcome: str, now: datetime, error: str | None = None
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE approvals SET ended_at = ?, outcome = ?, error = ? WHERE id = ?",
+                (_iso(now), outcome, error, approval_id),
+            )
+
+    def approvals(self, key: str) -> list[ApprovalRecord]:
+        rows = self._read("SELECT * FROM approvals WHERE event_key = ? ORDER BY id", (key,))
+        return [
+            ApprovalRecord(
+                id=row["id"],
+                source=row["source"],
+                started_at=row["started_at"],
+                ended_at=row["ended_at"],
+                outcome=row["outcome"],
+                error=row["error"],
+            )
+            for row in rows
+        ]
+
+    def approval_may_have_landed(self, key: str) -> bool:
+        """True once a POST succeeded, or was sent and never recorded back (a crash)."""
+        return any(record.outcome in ("succeeded", None) for record in self.approvals(key))
+
+    # Meta ----------------------------------------------------------------------------------
+
+    def set_meta(self, **values: str) -> None:
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
+
+    def meta(self) -> dict[str, str]:
+        return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM meta")}
+
+
+def _event_record(row: sqlite3.Row) -> EventRecord:
+    raw = json.loads(row["raw"])
+    event = parse_document(
+        {"DocumentIncarnation": row["document_incarnation"], "Events": [raw]}
+    ).events[0]
+    return EventRecord(
+        key=row["event_key"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        first_status=row["first_status"],
+        state=row["state"],
+        reason=row["reason"],
+        decision=row["decision"],
+        event=event,
+        document_incarnation=row["document_incarnation"],
+        first_seen=row["first_seen"],
+        updated_at=row["updated_at"],
+        gone_at=row["gone_at"],
+    )
