@@ -29,6 +29,7 @@ from agent.errors import (
     DocumentError,
     ImdsError,
     ImdsRequestRejected,
+    ImdsUnavailable,
     OperationCancelled,
 )
 from agent.events import ScheduledEvent, ScheduledEventsDocument
@@ -117,11 +118,12 @@ class Daemon:
         except OperationCancelled:
             return False
         except (ImdsError, DocumentError) as error:
-            reason = str(error)
-            if reason != self._last_failure:
-                # A failure that repeats is logged once, and again only when it changes.
-                self._log.error("imds.poll_failed", reason=reason)
-                self._last_failure = reason
+            # A failure that repeats is logged once, and again only when it changes; attempt
+            # counts and timings are not part of what "changes" means.
+            signature = error.cause if isinstance(error, ImdsUnavailable) else str(error)
+            if signature != self._last_failure:
+                self._log.error("imds.poll_failed", reason=str(error))
+                self._last_failure = signature
             return False
         if self._last_failure is not None:
             self._log.info("imds.poll_recovered", after=self._last_failure)
@@ -354,6 +356,7 @@ class Daemon:
         )
         hooks = discover(directory, check_ownership=self._parts.check_ownership, log=self._log)
         done = self._store.succeeded_hooks(stored.key, phase)
+        self._failpoint(f"before-{phase}-hooks")
         for hook in hooks:
             if hook.name in done:
                 continue

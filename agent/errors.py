@@ -59,10 +59,17 @@ class ImdsUnavailable(ImdsError):
     """IMDS kept failing transiently (404, 410, 429, 5xx, timeouts, resets) past the budget."""
 
     def __init__(
-        self, message: str, *, url: str, status: int | None = None, attempts: int = 1
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        attempts: int = 1,
+        cause: str = "",
     ) -> None:
         super().__init__(message, url=url, status=status)
         self.attempts = attempts
+        self.cause = cause  # the last failure, without counts: "503 Service Unavailable"
 
 
 class ImdsResponseInvalid(ImdsError):

@@ -269,6 +269,7 @@ class ImdsClient:
                 url=url,
                 status=failure.status,
                 attempts=attempts,
+                cause=failure.description,
             ) from None
         if self._last_retry_reason is not None:
             self._log.info("imds.recovered", url=url, after=self._last_retry_reason)

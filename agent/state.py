@@ -145,6 +145,11 @@ class Store:
                 path=self.path,
             ) from None
 
+    def changes(self) -> int:
+        """Rows written through this connection so far (to check that idle polls write none)."""
+        with self._lock:
+            return self._db.total_changes
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

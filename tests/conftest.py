@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from agent.emulator.server import EmulatorServer
-from agent.emulator.world import World
+from agent.emulator.world import World, system_now
 
 API = "2020-07-01"
 
@@ -91,7 +91,9 @@ def start_emulator() -> Iterator[Callable[..., Emulator]]:
 
     def start(**options: Any) -> Emulator:
         clock = MovableClock()
-        world = World(vm_name=options.pop("vm_name", "web_4"), now=clock.now)
+        # The agent runs on the real clock; tests of the emulator alone move a fake one.
+        now = system_now if options.pop("real_time", False) else clock.now
+        world = World(vm_name=options.pop("vm_name", "web_4"), now=now)
         options.setdefault("rate_limit", None)
         server = EmulatorServer(world, "127.0.0.1", 0, **options).start()
         emulator = Emulator(server, clock)

@@ -1,0 +1,145 @@
+"""Helpers for tests that run the agent: hook scripts that record their calls, a daemon in a thread.
+
+The hooks append one line per call to ``calls.log``: ``start|end PHASE TYPE EVENT_ID``. A hook
+blocks while a file ``block-PHASE-TYPE`` exists, after writing its process-group id to
+``pid-PHASE-TYPE``, so tests can hold it mid-run, kill it, or release it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.clock import SystemClock
+from agent.config import Config, parse
+from agent.daemon import Collaborators, Daemon
+from agent.hooks import HookRunner
+from agent.imds import ImdsClient, RetryPolicy
+from agent.state import Store
+
+RECORDING_HOOK = """#!/bin/sh
+dir="{directory}"
+tag="$SCHEDULED_EVENT_PHASE-$SCHEDULED_EVENT_TYPE"
+echo "start $SCHEDULED_EVENT_PHASE $SCHEDULED_EVENT_TYPE $SCHEDULED_EVENT_ID" >> "$dir/calls.log"
+if [ -e "$dir/block-$tag" ]; then
+  echo $$ > "$dir/pid-$tag.tmp" && mv "$dir/pid-$tag.tmp" "$dir/pid-$tag"
+  while [ -e "$dir/block-$tag" ]; do sleep 0.05; done
+fi
+if [ -e "$dir/fail-$tag" ]; then
+  echo "failing on purpose"
+  exit 3
+fi
+echo "end $SCHEDULED_EVENT_PHASE $SCHEDULED_EVENT_TYPE $SCHEDULED_EVENT_ID" >> "$dir/calls.log"
+"""
+
+
+def write_recording_hooks(directory: Path) -> tuple[Path, Path]:
+    prepare = directory / "prepare.d"
+    recover = directory / "recover.d"
+    for hooks in (prepare, recover):
+        hooks.mkdir(parents=True, exist_ok=True)
+        hooks.chmod(0o755)
+        path = hooks / "10-record"
+        path.write_text(RECORDING_HOOK.format(directory=directory))
+        path.chmod(0o755)
+    return prepare, recover
+
+
+def calls(directory: Path) -> list[str]:
+    log = directory / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def config_for(directory: Path, imds_url: str, **sections: Any) -> dict[str, Any]:
+    prepare, recover = write_recording_hooks(directory)
+    data: dict[str, Any] = {
+        "imds": {"url": imds_url, "poll_interval_seconds": 0.25},
+        "vm_name": "web_4",
+        "hooks": {
+            "prepare_dir": str(prepare),
+            "recover_dir": str(recover),
+            "timeout_seconds": 60,
+            "kill_grace_seconds": 1,
+            "tempfail_retry_seconds": 0.1,
+        },
+        "state": {"path": str(directory / "state.db")},
+        "metrics": {"listen": None},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return data
+
+
+@dataclass
+class RunningAgent:
+    daemon: Daemon
+    store: Store
+    stop: threading.Event
+    thread: threading.Thread | None
+    imds: ImdsClient
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            assert not self.thread.is_alive(), "the daemon did not stop"
+        self.store.close()
+        self.imds.close()
+
+
+def build_agent(
+    directory: Path, imds_url: str, *, dry_run: bool = False, **sections: Any
+) -> RunningAgent:
+    config: Config = parse(config_for(directory, imds_url, **sections))
+    stop = threading.Event()
+    clock = SystemClock(stop)
+    log = structlog.get_logger("agent")
+    imds = ImdsClient(
+        config.imds.url,
+        stop=stop,
+        retry=RetryPolicy(budget_seconds=5, initial_wait_seconds=0.02, max_wait_seconds=0.2),
+        logger=log,
+    )
+    store = Store(":memory:" if dry_run else config.state.path)
+    parts = Collaborators(
+        config=config,
+        imds=imds,
+        hooks=HookRunner(
+            clock,
+            stop,
+            log,
+            kill_grace_seconds=config.hooks.kill_grace_seconds,
+            tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
+        ),
+        store=store,
+        clock=clock,
+        stop=stop,
+        log=log,
+        vm_name=config.vm_name or "web_4",
+        dry_run=dry_run,
+    )
+    return RunningAgent(Daemon(parts), store, stop, None, imds)
+
+
+def start_agent(directory: Path, imds_url: str, **options: Any) -> RunningAgent:
+    agent = build_agent(directory, imds_url, **options)
+    agent.thread = threading.Thread(target=agent.daemon.run, name="daemon")
+    agent.thread.start()
+    return agent
+
+
+def replace_section(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, **changes)
+
+
+def lines_with(lines: list[str], *words: str) -> Iterator[str]:
+    return (line for line in lines if all(word in line for word in words))
