@@ -108,7 +108,7 @@ class Daemon:
 
     def run_once(self) -> int:
         """One poll, handled fully: every worker it starts runs to its end."""
-        ok = self.poll(budget_seconds=30.0)
+        ok = self.poll(budget_seconds=10.0)
         self._join_workers()
         return 0 if ok else 1
 
