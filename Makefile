@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 # The interpreters `make test-all` checks, by pyenv version prefix.
 PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
 
-.PHONY: help venv lint test test-all emulator clean
+.PHONY: help venv lint test test-all emulator demo clean
 
 help:
 	@echo "make test      lint, type-check and run the tests in $(VENV)"
 	@echo "make test-all  run the tests on every Python in PYTHONS ($(PYTHONS)) found by pyenv"
+	@echo "make demo      the whole lifecycle of an event against the emulator, in seconds"
 	@echo "make emulator  serve the IMDS emulator on 127.0.0.1:8254"
 	@echo "make clean     remove $(VENV) and caches"
 
@@ -22,8 +23,8 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
+	$(BIN)/ruff check agent tests demo
+	$(BIN)/ruff format --check agent tests demo
 	$(BIN)/mypy --strict agent
 
 test: lint
@@ -39,6 +40,9 @@ test-all:
 	  .venv-$$version/bin/python -m pip install --quiet -e '.[test]'; \
 	  .venv-$$version/bin/python -m pytest -q -p no:cacheprovider; \
 	done
+
+demo: venv
+	$(BIN)/python demo/demo.py
 
 emulator: venv
 	$(BIN)/scheduled-events-agent emulator

@@ -175,7 +175,8 @@ class Daemon:
                 self._ensure_worker(event.key)
         for event in changes.changed:
             self._store.update_event(event, document.incarnation, now)
-            self._log.info("event.changed", event_id=event.event_id, status=event.status)
+            name = "event.started" if event.status == "Started" else "event.changed"
+            self._log.info(name, event_id=event.event_id, status=event.status)
         for key in changes.gone:
             state, last = known[key]
             self._log.info("event.gone", event_id=last.event_id if last else key, state=state)
