@@ -139,9 +139,7 @@ def _install_stop_signals(stop: threading.Event) -> None:
 
 
 def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> int:
-    from agent.clock import SystemClock
-    from agent.daemon import Collaborators, Daemon
-    from agent.hooks import HookRunner
+    from agent.daemon import Daemon, assemble
     from agent.imds import ImdsClient
     from agent.state import Store
 
@@ -149,7 +147,6 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     log = logs.get_logger("agent")
     stop = threading.Event()
     _install_stop_signals(stop)
-    clock = SystemClock(stop)
     imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
     vm_name = config.vm_name
     if vm_name is None:
@@ -159,18 +156,10 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     # A dry run keeps its memory to itself: a later real run must not think work was done.
     store = Store(":memory:" if arguments.dry_run else config.state.path)
     failpoints = os.environ.get("SCHEDULED_EVENTS_AGENT_FAILPOINTS", "")
-    parts = Collaborators(
-        config=config,
+    parts = assemble(
+        config,
         imds=imds,
-        hooks=HookRunner(
-            clock,
-            stop,
-            log,
-            kill_grace_seconds=config.hooks.kill_grace_seconds,
-            tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
-        ),
         store=store,
-        clock=clock,
         stop=stop,
         log=log,
         vm_name=vm_name,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.clock import Clock
+from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.errors import (
     AgentError,
@@ -67,6 +67,42 @@ class Collaborators:
     dry_run: bool = False
     check_ownership: bool = False
     failpoints: Collection[str] = ()
+
+
+def assemble(
+    config: Config,
+    *,
+    imds: ImdsClient,
+    store: Store,
+    stop: threading.Event,
+    log: Any,
+    vm_name: str,
+    dry_run: bool = False,
+    check_ownership: bool = False,
+    failpoints: Collection[str] = (),
+) -> Collaborators:
+    """The daemon's parts for ``config``: the real clock and a hook runner set from it."""
+    clock = SystemClock(stop)
+    hooks = HookRunner(
+        clock,
+        stop,
+        log,
+        kill_grace_seconds=config.hooks.kill_grace_seconds,
+        tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
+    )
+    return Collaborators(
+        config=config,
+        imds=imds,
+        hooks=hooks,
+        store=store,
+        clock=clock,
+        stop=stop,
+        log=log,
+        vm_name=vm_name,
+        dry_run=dry_run,
+        check_ownership=check_ownership,
+        failpoints=failpoints,
+    )
 
 
 class Daemon:

@@ -13,6 +13,7 @@ Invariants (SPEC section 6):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -293,21 +294,7 @@ class Store:
             sql += " AND phase = ?"
             parameters += (phase,)
         rows = self._read(sql + " ORDER BY id", parameters)
-        return [
-            HookRun(
-                id=row["id"],
-                phase=row["phase"],
-                hook=row["hook"],
-                started_at=row["started_at"],
-                deadline=row["deadline"],
-                ended_at=row["ended_at"],
-                outcome=row["outcome"],
-                exit_status=row["exit_status"],
-                attempts=row["attempts"],
-                output_tail=row["output_tail"],
-            )
-            for row in rows
-        ]
+        return [HookRun(**_columns(row, HookRun)) for row in rows]
 
     def succeeded_hooks(self, key: str, phase: str) -> set[str]:
         return {run.hook for run in self.hook_runs(key, phase) if run.outcome == "succeeded"}
@@ -334,17 +321,7 @@ class Store:
 
     def approvals(self, key: str) -> list[ApprovalRecord]:
         rows = self._read("SELECT * FROM approvals WHERE event_key = ? ORDER BY id", (key,))
-        return [
-            ApprovalRecord(
-                id=row["id"],
-                source=row["source"],
-                started_at=row["started_at"],
-                ended_at=row["ended_at"],
-                outcome=row["outcome"],
-                error=row["error"],
-            )
-            for row in rows
-        ]
+        return [ApprovalRecord(**_columns(row, ApprovalRecord)) for row in rows]
 
     def approval_may_have_landed(self, key: str) -> bool:
         """True once a POST succeeded, or was sent and never recorded back (a crash)."""
@@ -362,6 +339,13 @@ class Store:
 
     def meta(self) -> dict[str, str]:
         return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM meta")}
+
+
+def _columns(row: sqlite3.Row, record: type[Any]) -> dict[str, Any]:
+    """The row's columns that ``record`` (a dataclass) has fields for."""
+    names = {field.name for field in dataclasses.fields(record)}
+    # sqlite3.Row iterates over values, not names: keys() is needed here.
+    return {name: row[name] for name in row.keys() if name in names}  # noqa: SIM118
 
 
 def _event_record(row: sqlite3.Row) -> EventRecord:

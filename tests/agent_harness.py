@@ -7,19 +7,15 @@ blocks while a file ``block-PHASE-TYPE`` exists, after writing its process-group
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent.clock import SystemClock
 from agent.config import Config, parse
-from agent.daemon import Collaborators, Daemon
-from agent.hooks import HookRunner
+from agent.daemon import Daemon, assemble
 from agent.imds import ImdsClient, RetryPolicy
 from agent.state import Store
 
@@ -101,7 +97,6 @@ def build_agent(
 ) -> RunningAgent:
     config: Config = parse(config_for(directory, imds_url, **sections))
     stop = threading.Event()
-    clock = SystemClock(stop)
     log = structlog.get_logger("agent")
     imds = ImdsClient(
         config.imds.url,
@@ -110,18 +105,10 @@ def build_agent(
         logger=log,
     )
     store = Store(":memory:" if dry_run else config.state.path)
-    parts = Collaborators(
-        config=config,
+    parts = assemble(
+        config,
         imds=imds,
-        hooks=HookRunner(
-            clock,
-            stop,
-            log,
-            kill_grace_seconds=config.hooks.kill_grace_seconds,
-            tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
-        ),
         store=store,
-        clock=clock,
         stop=stop,
         log=log,
         vm_name=config.vm_name or "web_4",
@@ -135,11 +122,3 @@ def start_agent(directory: Path, imds_url: str, **options: Any) -> RunningAgent:
     agent.thread = threading.Thread(target=agent.daemon.run, name="daemon")
     agent.thread.start()
     return agent
-
-
-def replace_section(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
-
-
-def lines_with(lines: list[str], *words: str) -> Iterator[str]:
-    return (line for line in lines if all(word in line for word in words))

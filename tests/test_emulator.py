@@ -11,22 +11,11 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from tests.conftest import API, Emulator
+from tests.conftest import API, WIRE_ORDER, Emulator
 
 RFC1123 = re.compile(
     r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$"
 )
-WIRE_ORDER = [
-    "EventId",
-    "EventStatus",
-    "EventType",
-    "ResourceType",
-    "Resources",
-    "NotBefore",
-    "Description",
-    "EventSource",
-    "DurationInSeconds",
-]
 
 
 # The checks every /metadata/ request meets ------------------------------------------------

@@ -17,6 +17,7 @@ from agent.events import (
     parse_document_bytes,
     parse_not_before,
 )
+from tests.conftest import WIRE_ORDER
 
 # The document of azure-facts section 2, byte for byte.
 SAMPLE = (
@@ -201,18 +202,6 @@ def test_parsed_objects_are_immutable() -> None:
     with pytest.raises(TypeError):
         parsed.events[0].extra["Priority"] = "Low"  # type: ignore[index]
 
-
-WIRE_ORDER = [
-    "EventId",
-    "EventStatus",
-    "EventType",
-    "ResourceType",
-    "Resources",
-    "NotBefore",
-    "Description",
-    "EventSource",
-    "DurationInSeconds",
-]
 
 # Properties --------------------------------------------------------------------------------
 
