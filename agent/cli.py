@@ -139,12 +139,18 @@ def _install_stop_signals(stop: threading.Event) -> None:
 
 
 def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
     from agent.daemon import Daemon, assemble
+    from agent.exposition import MetricsServer
     from agent.imds import ImdsClient
+    from agent.metrics import Metrics
     from agent.state import Store
+    from agent.systemd import Notifier
 
     logs.configure(config.logging.format, config.logging.level)
     log = logs.get_logger("agent")
+    registry = CollectorRegistry()
     stop = threading.Event()
     _install_stop_signals(stop)
     imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
@@ -166,11 +172,27 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         dry_run=arguments.dry_run,
         check_ownership=os.geteuid() == 0,
         failpoints=frozenset(name for name in failpoints.split(",") if name),
+        metrics=Metrics(registry),
+        notifier=Notifier(),
     )
     daemon = Daemon(parts)
+    server = None
+    if config.metrics.listen is not None and not arguments.once:
+        try:
+            server = MetricsServer(config.metrics.listen, registry, daemon.health).start()
+        except OSError as error:
+            store.close()
+            imds.close()
+            raise AgentError(
+                f"metrics: cannot listen on {config.metrics.listen}: {error.strerror} "
+                "(another agent running? change metrics.listen, or null turns metrics off)"
+            ) from None
+        log.info("metrics.serving", url=f"{server.url}/metrics")
     try:
         return daemon.run_once() if arguments.once else daemon.run()
     finally:
+        if server is not None:
+            server.stop()
         store.close()
         imds.close()
 

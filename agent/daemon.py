@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.errors import (
@@ -46,7 +48,9 @@ from agent.lifecycle import (
     decide_approval,
     plan,
 )
+from agent.metrics import Metrics, type_label
 from agent.state import Store
+from agent.systemd import Notifier
 
 POLL_BUDGET_SECONDS = 5.0
 HEARTBEAT_SECONDS = 60.0
@@ -67,6 +71,8 @@ class Collaborators:
     dry_run: bool = False
     check_ownership: bool = False
     failpoints: Collection[str] = ()
+    metrics: Metrics | None = None
+    notifier: Notifier | None = None
 
 
 def assemble(
@@ -80,6 +86,8 @@ def assemble(
     dry_run: bool = False,
     check_ownership: bool = False,
     failpoints: Collection[str] = (),
+    metrics: Metrics | None = None,
+    notifier: Notifier | None = None,
 ) -> Collaborators:
     """The daemon's parts for ``config``: the real clock and a hook runner set from it."""
     clock = SystemClock(stop)
@@ -102,6 +110,8 @@ def assemble(
         dry_run=dry_run,
         check_ownership=check_ownership,
         failpoints=failpoints,
+        metrics=metrics,
+        notifier=notifier,
     )
 
 
@@ -122,6 +132,10 @@ class Daemon:
         self._workers_lock = threading.Lock()
         self._last_failure: str | None = None
         self._last_heartbeat = float("-inf")
+        self._metrics = parts.metrics if parts.metrics is not None else Metrics(CollectorRegistry())
+        self._notifier = parts.notifier if parts.notifier is not None else Notifier({})
+        self._last_success: float | None = None
+        self._ready = False
 
     # The loop ------------------------------------------------------------------------------
 
@@ -137,10 +151,43 @@ class Daemon:
         while not self._stop.is_set():
             started = self._clock.monotonic()
             self.poll()
+            self._notifier.watchdog()
+            self._notifier.status(self.summary())
             self._clock.wait(interval - (self._clock.monotonic() - started))
+        self._notifier.stopping()
         self._join_workers()
         self._log.info("agent.stopped")
         return 0
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz: healthy while the last successful poll is recent."""
+        if self._last_success is None:
+            return False, "no successful poll yet (a cold IMDS can take two minutes)"
+        age = self._clock.monotonic() - self._last_success
+        limit = max(5 * self._config.imds.poll_interval_seconds, 15.0)
+        if age > limit:
+            return False, f"last successful poll {age:.0f} s ago: {self._last_failure or 'none'}"
+        return True, f"ok: last successful poll {age:.1f} s ago"
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: ``2 events pending; next in 13m``."""
+        if self._last_failure is not None:
+            return f"IMDS failing: {self._last_failure}"[:200]
+        latest = self._latest
+        if latest is None:
+            return "waiting for the first document"
+        mine = latest.affecting(self._parts.vm_name)
+        if not mine:
+            return "no events pending"
+        now = self._clock.now()
+        upcoming = [e.not_before for e in mine if e.not_before is not None and e.not_before > now]
+        text = f"{len(mine)} event{'s' if len(mine) != 1 else ''} pending"
+        if upcoming:
+            seconds = (min(upcoming) - now).total_seconds()
+            text += (
+                f"; next in {seconds / 60:.0f}m" if seconds >= 60 else f"; next in {seconds:.0f}s"
+            )
+        return text
 
     def run_once(self) -> int:
         """One poll, handled fully: every worker it starts runs to its end."""
@@ -149,11 +196,13 @@ class Daemon:
         return 0 if ok else 1
 
     def poll(self, budget_seconds: float = POLL_BUDGET_SECONDS) -> bool:
+        started = self._clock.monotonic()
         try:
             document = self._parts.imds.fetch_scheduled_events(budget_seconds=budget_seconds)
         except OperationCancelled:
             return False
         except (ImdsError, DocumentError) as error:
+            self._metrics.poll("failed", self._clock.monotonic() - started)
             # A failure that repeats is logged once, and again only when it changes; attempt
             # counts and timings are not part of what "changes" means.
             signature = error.cause if isinstance(error, ImdsUnavailable) else str(error)
@@ -165,11 +214,38 @@ class Daemon:
             self._log.info("imds.poll_recovered", after=self._last_failure)
             self._last_failure = None
         self._latest = document
-        if document is not self._handled:
+        changed = document is not self._handled
+        if changed:
             self._handle(document)
             self._handled = document
+            self._refresh_gauges()
+        self._last_success = self._clock.monotonic()
+        self._metrics.poll(
+            "changed" if changed else "unchanged",
+            self._last_success - started,
+            self._clock.now(),
+        )
+        if not self._ready:
+            self._ready = True
+            self._notifier.ready(self.summary())
         self._heartbeat(document)
         return True
+
+    def _refresh_gauges(self) -> None:
+        """Set the gauges that describe this VM's events in the newest document."""
+        latest = self._latest
+        if latest is None:
+            return
+        mine = latest.affecting(self._parts.vm_name)
+        approved = []
+        prepare_failed = 0
+        for event in mine:
+            if self._store.approval_may_have_landed(event.key):
+                approved.append(event.key)
+            runs = self._store.hook_runs(event.key, "prepare")
+            if any(run.outcome not in (None, "succeeded", "interrupted") for run in runs):
+                prepare_failed += 1
+        self._metrics.document(latest.incarnation, mine, approved, prepare_failed)
 
     def _heartbeat(self, document: ScheduledEventsDocument) -> None:
         now = self._clock.monotonic()
@@ -191,6 +267,11 @@ class Daemon:
                 # Seen before and finished: an event is never worked twice.
                 self._log.warning("event.reappeared", event_id=event.event_id)
                 continue
+            late = relevance.relevant and (
+                event.status != "Scheduled"
+                or (event.not_before is not None and event.not_before <= now)
+            )
+            self._metrics.seen(event, late=late)
             self._store.discover(
                 event,
                 relevant=relevance.relevant,
@@ -286,8 +367,7 @@ class Daemon:
             return self._decide(record.event, succeeded, gone=key in self._gone)
         if record.state == APPROVING:
             if gone:
-                self._store.move(key, "approval_abandoned", now, decision="event left the document")
-                return True
+                return self._abandon(key, "event left the document", "skipped", "event_left")
             return self._approve(self._current(record.event))
         if record.state in (APPROVED, WAITING):
             if not gone:
@@ -317,7 +397,7 @@ class Daemon:
         now = self._clock.now()
         approval = self._config.approval
         if gone:
-            approve, reason = False, "event left the document"
+            approve, reason, code = False, "event left the document", "event_left"
         else:
             decision = decide_approval(
                 event,
@@ -327,13 +407,18 @@ class Daemon:
                 prepare_succeeded=prepare_succeeded,
                 now=now,
             )
-            approve, reason = decision.approve, decision.reason
+            approve, reason, code = decision.approve, decision.reason, decision.code
+        if not approve:
+            self._metrics.approval("skipped", code)
+            if code == "not_before_passed":
+                self._metrics.events_late.labels(type=type_label(event.event_type)).inc()
         self._log.info(
             "event.approval_decision", event_id=event.event_id, approve=approve, reason=reason
         )
         self._failpoint("after-prepare")
         trigger = "prepared_approve" if approve else "prepared_no_approval"
         self._store.move(event.key, trigger, now, decision=reason)
+        self._refresh_gauges()
         return True
 
     def _approve(self, event: ScheduledEvent) -> bool:
@@ -342,44 +427,42 @@ class Daemon:
         if self._store.approval_may_have_landed(key):
             # A POST went out before a restart and was never recorded back: it may have
             # landed, and an event is never approved twice.
-            self._store.move(
-                key, "approval_abandoned", now, decision="approval sent before a restart"
-            )
             self._log.warning("event.approval_not_repeated", event_id=event.event_id)
-            return True
+            return self._abandon(key, "approval sent before a restart", "skipped", "already_sent")
         if event.status != "Scheduled":
-            self._store.move(key, "approval_abandoned", now, decision=f"event is {event.status}")
-            return True
+            return self._abandon(key, f"event is {event.status}", "skipped", "started")
         budget = (event.not_before - now).total_seconds() if event.not_before else 0.0
         if budget <= 0:
-            self._store.move(key, "approval_abandoned", now, decision="NotBefore has passed")
-            return True
+            return self._abandon(key, "NotBefore has passed", "skipped", "not_before_passed")
         if self._parts.dry_run:
             self._log.info("event.would_approve", event_id=event.event_id)
-            self._store.move(key, "approval_abandoned", now, decision="dry run")
-            return True
+            return self._abandon(key, "dry run", "skipped", "dry_run")
         approval_id = self._store.approval_started(key, "agent", now)
         try:
             self._parts.imds.approve([event.event_id], budget_seconds=budget)
         except OperationCancelled:
             self._store.approval_finished(approval_id, "interrupted", self._clock.now())
             return False
-        except ImdsRequestRejected as error:
-            self._store.approval_finished(approval_id, "refused", self._clock.now(), str(error))
-            self._store.move(key, "approval_abandoned", self._clock.now(), decision=str(error))
-            self._log.error("event.approval_failed", event_id=event.event_id, reason=str(error))
-            return True
         except ImdsError as error:
-            self._store.approval_finished(approval_id, "failed", self._clock.now(), str(error))
-            self._store.move(key, "approval_abandoned", self._clock.now(), decision=str(error))
+            refused = isinstance(error, ImdsRequestRejected)
+            outcome = "refused" if refused else "failed"
+            self._store.approval_finished(approval_id, outcome, self._clock.now(), str(error))
             self._log.error("event.approval_failed", event_id=event.event_id, reason=str(error))
-            return True
+            return self._abandon(key, str(error), "failed", outcome if refused else "unavailable")
         self._failpoint("after-approval")
         landed = self._clock.now()
         self._store.approval_finished(approval_id, "succeeded", landed)
         self._store.move(key, "approval_succeeded", landed)
         lead = (event.not_before - landed).total_seconds() if event.not_before else None
+        self._metrics.approval("succeeded", "posted", lead)
+        self._refresh_gauges()
         self._log.info("event.approved", event_id=event.event_id, lead_seconds=lead)
+        return True
+
+    def _abandon(self, key: str, reason: str, outcome: str, code: str) -> bool:
+        """No approval for this event after all: record why, and count it."""
+        self._store.move(key, "approval_abandoned", self._clock.now(), decision=reason)
+        self._metrics.approval(outcome, code)
         return True
 
     def _run_phase(self, phase: str, stored: ScheduledEvent) -> bool | None:
@@ -418,6 +501,9 @@ class Daemon:
                 hook, HookContext(phase, event, self._parts.vm_name, incarnation, deadline)
             )
             self._store.hook_finished(run_id, result)
+            self._metrics.hook_run(
+                phase, result.outcome, (result.ended_at - result.started_at).total_seconds()
+            )
             if result.outcome == INTERRUPTED:
                 return None
             if not result.succeeded:

@@ -77,6 +77,7 @@ def relevance(event: ScheduledEvent, vm_name: str, enabled_types: Collection[str
 class Decision:
     approve: bool
     reason: str
+    code: str  # a fixed word for metrics: prepare_succeeded, shared, mode_never, ...
 
 
 def decide_approval(
@@ -90,24 +91,29 @@ def decide_approval(
 ) -> Decision:
     """SPEC section 6: whether to POST StartRequests for ``event`` now, and why."""
     if event.status != SCHEDULED:
-        return Decision(False, f"event is {event.status}: it has begun, nothing to approve")
+        return Decision(
+            False, f"event is {event.status}: it has begun, nothing to approve", "started"
+        )
     if event.not_before is not None and event.not_before <= now:
-        return Decision(False, "NotBefore has passed: Azure starts it anyway")
+        return Decision(False, "NotBefore has passed: Azure starts it anyway", "not_before_passed")
     if mode == "never":
-        return Decision(False, "approval.mode is never")
+        return Decision(False, "approval.mode is never", "mode_never")
     if event.is_shared_with_others(vm_name) and shared_events != "approve":
         others = sorted(name for name in event.resources if name.lower() != vm_name.lower())
         return Decision(
             False,
             f"shared with {', '.join(others)}: approving would release them too "
             "(approval.shared_events is skip)",
+            "shared",
         )
     if mode == "always":
         outcome = "succeeded" if prepare_succeeded else "failed"
-        return Decision(True, f"approval.mode is always (prepare hooks {outcome})")
+        return Decision(True, f"approval.mode is always (prepare hooks {outcome})", "mode_always")
     if not prepare_succeeded:
-        return Decision(False, "prepare hooks failed (approval.mode is on-success)")
-    return Decision(True, "prepare hooks succeeded")
+        return Decision(
+            False, "prepare hooks failed (approval.mode is on-success)", "prepare_failed"
+        )
+    return Decision(True, "prepare hooks succeeded", "prepare_succeeded")
 
 
 @dataclass(frozen=True)
