@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 # The interpreters `make test-all` checks, by pyenv version prefix.
 PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
 
-.PHONY: help venv lint test test-all emulator demo clean
+.PHONY: help venv lint test test-all emulator demo install uninstall clean
 
 help:
 	@echo "make test      lint, type-check and run the tests in $(VENV)"
 	@echo "make test-all  run the tests on every Python in PYTHONS ($(PYTHONS)) found by pyenv"
 	@echo "make demo      the whole lifecycle of an event against the emulator, in seconds"
 	@echo "make emulator  serve the IMDS emulator on 127.0.0.1:8254"
+	@echo "make install   (as root) install the agent under /opt and enable its systemd service"
+	@echo "make uninstall (as root) remove it, keeping /etc/scheduled-events-agent and the state"
 	@echo "make clean     remove $(VENV) and caches"
 
 $(BIN)/.installed: pyproject.toml
@@ -46,6 +48,12 @@ demo: venv
 
 emulator: venv
 	$(BIN)/scheduled-events-agent emulator
+
+install:
+	systemd/install.sh
+
+uninstall:
+	systemd/install.sh --uninstall
 
 clean:
 	rm -rf $(VENV) .venv-3.* .mypy_cache .pytest_cache .ruff_cache .hypothesis *.egg-info
