@@ -131,3 +131,14 @@ def test_a_wrong_argument_is_a_usage_error(tmp_path: Path) -> None:
     completed = install(tmp_path, "--sideways")
     assert completed.returncode == 2
     assert "usage" in completed.stderr
+
+
+def test_the_install_script_passes_shellcheck() -> None:
+    assert shutil.which("shellcheck"), "shellcheck is needed (.ci/run installs it)"
+    completed = subprocess.run(
+        ["shellcheck", "-s", "sh", str(ROOT / "systemd" / "install.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout
