@@ -27,7 +27,7 @@ from typing import Any
 from agent.errors import StateError
 from agent.events import ScheduledEvent, parse_document
 from agent.hooks import HookResult
-from agent.lifecycle import transition
+from agent.lifecycle import DONE, transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -122,6 +122,9 @@ class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
+        # The unfinished events' states, kept in memory once read: the planner asks for them on
+        # every changed document, and this process is their only writer.
+        self._unfinished: dict[str, tuple[str, ScheduledEvent | None]] | None = None
         try:
             if read_only:
                 if not Path(self.path).exists():
@@ -207,6 +210,9 @@ class Store:
             )
         record = self.get(event.key)
         assert record is not None
+        with self._lock:
+            if self._unfinished is not None:
+                self._unfinished[event.key] = (state, event)
         return record
 
     def update_event(self, event: ScheduledEvent, document_incarnation: int, now: datetime) -> None:
@@ -217,6 +223,8 @@ class Store:
                 " WHERE event_key = ?",
                 (json.dumps(event.to_wire()), document_incarnation, _iso(now), event.key),
             )
+            if self._unfinished is not None and event.key in self._unfinished:
+                self._unfinished[event.key] = (self._unfinished[event.key][0], event)
 
     def move(self, key: str, trigger: str, now: datetime, *, decision: str | None = None) -> str:
         """Apply ``trigger`` to the event's state through the transition table."""
@@ -238,6 +246,11 @@ class Store:
                         key,
                     ),
                 )
+            if self._unfinished is not None:
+                if state == DONE:
+                    self._unfinished.pop(key, None)
+                else:
+                    self._unfinished[key] = (state, record.event)
             return state
 
     def get(self, key: str) -> EventRecord | None:
@@ -255,8 +268,13 @@ class Store:
 
     def known_unfinished(self) -> dict[str, tuple[str, ScheduledEvent | None]]:
         """The state and last seen form of every event not done yet, for the planner."""
-        rows = self._read("SELECT * FROM events WHERE state != 'done'")
-        return {row["event_key"]: (row["state"], _event_record(row).event) for row in rows}
+        with self._lock:
+            if self._unfinished is None:
+                rows = self._read("SELECT * FROM events WHERE state != 'done'")
+                self._unfinished = {
+                    row["event_key"]: (row["state"], _event_record(row).event) for row in rows
+                }
+            return dict(self._unfinished)
 
     # Hook runs -----------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ class EmulatorServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.connections = 0
         self.requests = 0
+        self.first_metadata_request_at: float | None = None
         self._first_call_pending = first_call_delay_seconds > 0
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -194,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
     # IMDS ----------------------------------------------------------------------------------
 
     def _metadata(self, method: str, path: str, query: dict[str, str], body: bytes) -> None:
+        if self.server.first_metadata_request_at is None:
+            self.server.first_metadata_request_at = time.time()
         fault = self.server.faults.take()
         if fault is not None and self._apply_fault(fault):
             return
@@ -427,6 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "connections": self.server.connections,
                     "requests": self.server.requests,
+                    "first_metadata_request_at": self.server.first_metadata_request_at,
                     "incarnation": world.incarnation,
                 },
             )
