@@ -5,11 +5,13 @@ BIN := $(VENV)/bin
 # The interpreters `make test-all` checks, by pyenv version prefix.
 PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
 
-.PHONY: help venv lint test test-all emulator demo install uninstall clean
+.PHONY: help venv lint test test-all reliability bench emulator demo install uninstall clean
 
 help:
 	@echo "make test      lint, type-check and run the tests in $(VENV)"
 	@echo "make test-all  run the tests on every Python in PYTHONS ($(PYTHONS)) found by pyenv"
+	@echo "make reliability  the fault suite (tests/reliability): crashes, IMDS faults, hostile input"
+	@echo "make bench     benchmarks against the emulator; writes bench/results.json"
 	@echo "make demo      the whole lifecycle of an event against the emulator, in seconds"
 	@echo "make emulator  serve the IMDS emulator on 127.0.0.1:8254"
 	@echo "make install   (as root) install the agent under /opt and enable its systemd service"
@@ -25,12 +27,18 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check agent tests demo
-	$(BIN)/ruff format --check agent tests demo
+	$(BIN)/ruff check agent tests demo bench
+	$(BIN)/ruff format --check agent tests demo bench
 	$(BIN)/mypy --strict agent
 
 test: lint
 	$(BIN)/pytest
+
+reliability: venv
+	$(BIN)/pytest -c tests/reliability/pytest.ini tests/reliability
+
+bench: venv
+	$(BIN)/python bench/bench.py
 
 # Tests only (linters are pinned to the default interpreter), in one venv per version.
 test-all:

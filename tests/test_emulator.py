@@ -111,6 +111,13 @@ def test_not_before_is_an_rfc_1123_date_at_the_types_minimum_notice(emulator: Em
         assert notice.total_seconds() == seconds
 
 
+def test_a_notice_is_never_shown_shorter_than_asked(emulator: Emulator) -> None:
+    emulator.clock.move(0.4)  # NotBefore has whole seconds: 30 s from x.4 shows as x+31
+    event = emulator.add_event(type="Preempt")
+    notice = parsedate_to_datetime(event["NotBefore"]) - emulator.clock.now()
+    assert 30 <= notice.total_seconds() < 31
+
+
 def test_fields_appear_only_from_the_api_version_that_introduced_them(emulator: Emulator) -> None:
     emulator.add_event(type="Reboot", description="maintenance", duration_seconds=5)
     expected = {

@@ -282,7 +282,12 @@ class World:
         seconds = _number(spec, "not_before_in_seconds", allow_negative=True)
         if seconds is None:
             seconds = MINIMUM_NOTICE_SECONDS.get(event_type, DEFAULT_NOTICE_SECONDS)
-        return now + timedelta(seconds=seconds)
+        # IMDS writes whole seconds, and a notice is a minimum: round up, never down, so that
+        # "30 s notice" never shows as 29.x s.
+        moment = now + timedelta(seconds=seconds)
+        if moment.microsecond:
+            moment = moment.replace(microsecond=0) + timedelta(seconds=1)
+        return moment
 
 
 def _text(spec: dict[str, Any], key: str, *, required: bool = False) -> str:
