@@ -35,7 +35,7 @@ test: lint
 	$(BIN)/pytest
 
 reliability: venv
-	$(BIN)/pytest -c tests/reliability/pytest.ini tests/reliability
+	$(BIN)/pytest -o addopts="-ra --strict-markers" tests/reliability
 
 bench: venv
 	$(BIN)/python bench/bench.py

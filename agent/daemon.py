@@ -136,6 +136,7 @@ class Daemon:
         self._notifier = parts.notifier if parts.notifier is not None else Notifier({})
         self._last_success: float | None = None
         self._ready = False
+        self._degraded_reported = False
 
     # The loop ------------------------------------------------------------------------------
 
@@ -171,6 +172,8 @@ class Daemon:
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: ``2 events pending; next in 13m``."""
+        if self._store.degraded is not None:
+            return f"state store {self._store.degraded[:120]}; working in memory"
         if self._last_failure is not None:
             return f"IMDS failing: {self._last_failure}"[:200]
         latest = self._latest
@@ -229,7 +232,23 @@ class Daemon:
             self._ready = True
             self._notifier.ready(self.summary())
         self._heartbeat(document)
+        self._report_degraded_state()
         return True
+
+    def _report_degraded_state(self) -> None:
+        """Say loudly, once, that the state store lost its file and works in memory."""
+        if self._store.degraded is None or self._degraded_reported:
+            return
+        self._degraded_reported = True
+        self._metrics.state_degraded.set(1)
+        self._log.error(
+            "state.degraded",
+            path=self._store.path,
+            reason=self._store.degraded,
+            consequence="events are still handled, but a crash or reboot now forgets what was "
+            "done since; nothing already written to the file is lost",
+            hint="fix the disk or permissions of state.path, then restart the agent",
+        )
 
     def _refresh_gauges(self) -> None:
         """Set the gauges that describe this VM's events in the newest document."""

@@ -130,6 +130,11 @@ class Metrics:
             buckets=(0, 5, 10, 15, 20, 25, 30, 60, 120, 300, 600, 900, 1800, 3600),
             registry=registry,
         )
+        self.state_degraded = Gauge(
+            f"{PREFIX}_state_degraded",
+            "1 while the state store works in memory only (its file cannot be written).",
+            registry=registry,
+        )
         self.events_late = Counter(
             f"{PREFIX}_events_late_total",
             "Events first seen already Started, or with NotBefore already passed.",

@@ -13,12 +13,11 @@ Invariants (SPEC section 6):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,6 +124,8 @@ class Store:
         # The unfinished events' states, kept in memory once read: the planner asks for them on
         # every changed document, and this process is their only writer.
         self._unfinished: dict[str, tuple[str, ScheduledEvent | None]] | None = None
+        # Why the store works in memory only (the file cannot be opened or written), or None.
+        self.degraded: str | None = None
         try:
             if read_only:
                 if not Path(self.path).exists():
@@ -134,20 +135,26 @@ class Store:
                     )
                 uri = f"file:{Path(self.path).resolve()}?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-            else:
-                if self.path != ":memory:":
-                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
-            self._db.row_factory = sqlite3.Row
+                self._db.row_factory = sqlite3.Row
+                return
         except (sqlite3.Error, OSError) as error:
             raise StateError(
                 f"state store {self.path} cannot be opened: {error} "
                 "(check state.path and its directory's permissions)",
                 path=self.path,
             ) from None
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as error:
+            # Keep handling events: in memory, with whatever the file still lets us read.
+            self._db = self._memory_copy(self._readable_copy())
+            self.degraded = f"cannot be opened: {error}"
+        self._db.row_factory = sqlite3.Row
 
     def changes(self) -> int:
         """Rows written through this connection so far (to check that idle polls write none)."""
@@ -158,16 +165,57 @@ class Store:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, sql: str, parameters: Any, *, many: bool = False) -> int | None:
+        """Run one writing statement in its own transaction; its row id, if any.
+
+        When the file refuses the write (disk full, read-only, I/O error), the store copies
+        what it holds into memory and carries on there: ``degraded`` says why. Nothing already
+        on disk is touched, and the agent keeps handling events.
+        """
         with self._lock:
+            for attempt in (1, 2):
+                try:
+                    with self._db:  # one transaction, committed on success
+                        if many:
+                            cursor = self._db.executemany(sql, parameters)
+                        else:
+                            cursor = self._db.execute(sql, parameters)
+                    return cursor.lastrowid
+                except sqlite3.Error as error:
+                    if attempt == 2 or self.degraded is not None:
+                        raise StateError(
+                            f"state store {self.path} cannot be written: {error}", path=self.path
+                        ) from None
+                    old = self._db
+                    self._db = self._memory_copy(old)
+                    self.degraded = f"cannot be written: {error}"
+                    with contextlib.suppress(sqlite3.Error):
+                        old.close()
+            return None  # not reached: the second attempt returns or raises
+
+    def _readable_copy(self) -> sqlite3.Connection | None:
+        """The file opened read-only, if it still can be (read-only directory, say)."""
+        absolute = Path(self.path).resolve()
+        for query in ("mode=ro", "immutable=1"):
             try:
-                with self._db:  # one transaction, committed on success
-                    yield self._db
-            except sqlite3.Error as error:
-                raise StateError(
-                    f"state store {self.path} cannot be written: {error}", path=self.path
-                ) from None
+                reader = sqlite3.connect(f"file:{absolute}?{query}", uri=True, timeout=10)
+                reader.execute("SELECT count(*) FROM events").fetchone()
+                return reader
+            except sqlite3.Error:
+                continue
+        return None
+
+    def _memory_copy(self, source: sqlite3.Connection | None) -> sqlite3.Connection:
+        memory = sqlite3.connect(":memory:", check_same_thread=False)
+        if source is not None:
+            try:
+                source.backup(memory)
+            except sqlite3.Error:
+                memory.close()
+                memory = sqlite3.connect(":memory:", check_same_thread=False)
+        memory.executescript(SCHEMA)
+        memory.row_factory = sqlite3.Row
+        return memory
 
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -190,24 +238,23 @@ class Store:
         now: datetime,
     ) -> EventRecord:
         state = transition(event.event_id, None, "discovered" if relevant else "discovered_ignored")
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
-                " raw, document_incarnation, first_seen, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.key,
-                    event.event_id,
-                    event.event_type,
-                    event.status,
-                    state,
-                    reason,
-                    json.dumps(event.to_wire()),
-                    document_incarnation,
-                    _iso(now),
-                    _iso(now),
-                ),
-            )
+        self._write(
+            "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
+            " raw, document_incarnation, first_seen, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.key,
+                event.event_id,
+                event.event_type,
+                event.status,
+                state,
+                reason,
+                json.dumps(event.to_wire()),
+                document_incarnation,
+                _iso(now),
+                _iso(now),
+            ),
+        )
         record = self.get(event.key)
         assert record is not None
         with self._lock:
@@ -217,14 +264,13 @@ class Store:
 
     def update_event(self, event: ScheduledEvent, document_incarnation: int, now: datetime) -> None:
         """Keep the latest form of an event (Scheduled to Started, say)."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE events SET raw = ?, document_incarnation = ?, updated_at = ?"
-                " WHERE event_key = ?",
-                (json.dumps(event.to_wire()), document_incarnation, _iso(now), event.key),
-            )
-            if self._unfinished is not None and event.key in self._unfinished:
-                self._unfinished[event.key] = (self._unfinished[event.key][0], event)
+        self._write(
+            "UPDATE events SET raw = ?, document_incarnation = ?, updated_at = ?"
+            " WHERE event_key = ?",
+            (json.dumps(event.to_wire()), document_incarnation, _iso(now), event.key),
+        )
+        if self._unfinished is not None and event.key in self._unfinished:
+            self._unfinished[event.key] = (self._unfinished[event.key][0], event)
 
     def move(self, key: str, trigger: str, now: datetime, *, decision: str | None = None) -> str:
         """Apply ``trigger`` to the event's state through the transition table."""
@@ -233,19 +279,18 @@ class Store:
             if record is None:
                 raise StateError(f"no event {key} in the state store", path=self.path)
             state = transition(record.event_id, record.state, trigger)
-            with self._write() as db:
-                db.execute(
-                    "UPDATE events SET state = ?, updated_at = ?, decision = COALESCE(?, decision),"
-                    " gone_at = CASE WHEN ? THEN ? ELSE gone_at END WHERE event_key = ?",
-                    (
-                        state,
-                        _iso(now),
-                        decision,
-                        trigger.startswith("gone"),
-                        _iso(now),
-                        key,
-                    ),
-                )
+            self._write(
+                "UPDATE events SET state = ?, updated_at = ?, decision = COALESCE(?, decision),"
+                " gone_at = CASE WHEN ? THEN ? ELSE gone_at END WHERE event_key = ?",
+                (
+                    state,
+                    _iso(now),
+                    decision,
+                    trigger.startswith("gone"),
+                    _iso(now),
+                    key,
+                ),
+            )
             if self._unfinished is not None:
                 if state == DONE:
                     self._unfinished.pop(key, None)
@@ -281,29 +326,27 @@ class Store:
     def hook_started(
         self, key: str, phase: str, hook: str, started_at: datetime, deadline: datetime
     ) -> int:
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO hook_runs (event_key, phase, hook, started_at, deadline)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (key, phase, hook, _iso(started_at), _iso(deadline)),
-            )
-            assert cursor.lastrowid is not None
-            return cursor.lastrowid
+        row_id = self._write(
+            "INSERT INTO hook_runs (event_key, phase, hook, started_at, deadline)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (key, phase, hook, _iso(started_at), _iso(deadline)),
+        )
+        assert row_id is not None
+        return row_id
 
     def hook_finished(self, run_id: int, result: HookResult) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE hook_runs SET ended_at = ?, outcome = ?, exit_status = ?, attempts = ?,"
-                " output_tail = ? WHERE id = ?",
-                (
-                    _iso(result.ended_at),
-                    result.outcome,
-                    result.exit_status,
-                    result.attempts,
-                    result.output_tail,
-                    run_id,
-                ),
-            )
+        self._write(
+            "UPDATE hook_runs SET ended_at = ?, outcome = ?, exit_status = ?, attempts = ?,"
+            " output_tail = ? WHERE id = ?",
+            (
+                _iso(result.ended_at),
+                result.outcome,
+                result.exit_status,
+                result.attempts,
+                result.output_tail,
+                run_id,
+            ),
+        )
 
     def hook_runs(self, key: str, phase: str | None = None) -> list[HookRun]:
         sql = "SELECT * FROM hook_runs WHERE event_key = ?"
@@ -320,22 +363,20 @@ class Store:
     # Approvals -----------------------------------------------------------------------------
 
     def approval_started(self, key: str, source: str, now: datetime) -> int:
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO approvals (event_key, source, started_at) VALUES (?, ?, ?)",
-                (key, source, _iso(now)),
-            )
-            assert cursor.lastrowid is not None
-            return cursor.lastrowid
+        row_id = self._write(
+            "INSERT INTO approvals (event_key, source, started_at) VALUES (?, ?, ?)",
+            (key, source, _iso(now)),
+        )
+        assert row_id is not None
+        return row_id
 
     def approval_finished(
         self, approval_id: int, outcome: str, now: datetime, error: str | None = None
     ) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE approvals SET ended_at = ?, outcome = ?, error = ? WHERE id = ?",
-                (_iso(now), outcome, error, approval_id),
-            )
+        self._write(
+            "UPDATE approvals SET ended_at = ?, outcome = ?, error = ? WHERE id = ?",
+            (_iso(now), outcome, error, approval_id),
+        )
 
     def approvals(self, key: str) -> list[ApprovalRecord]:
         rows = self._read("SELECT * FROM approvals WHERE event_key = ? ORDER BY id", (key,))
@@ -348,12 +389,12 @@ class Store:
     # Meta ----------------------------------------------------------------------------------
 
     def set_meta(self, **values: str) -> None:
-        with self._write() as db:
-            db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                list(values.items()),
-            )
+        self._write(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            list(values.items()),
+            many=True,
+        )
 
     def meta(self) -> dict[str, str]:
         return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM meta")}
