@@ -52,8 +52,13 @@ def calls(directory: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def config_for(directory: Path, imds_url: str, **sections: Any) -> dict[str, Any]:
-    prepare, recover = write_recording_hooks(directory)
+def config_for(
+    directory: Path, imds_url: str, *, recording_hooks: bool = True, **sections: Any
+) -> dict[str, Any]:
+    if recording_hooks:
+        prepare, recover = write_recording_hooks(directory)
+    else:
+        prepare, recover = directory / "prepare.d", directory / "recover.d"
     data: dict[str, Any] = {
         "imds": {"url": imds_url, "poll_interval_seconds": 0.25},
         "vm_name": "web_4",
