@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -36,6 +37,7 @@ from tenacity import (
 )
 
 from agent.errors import (
+    DocumentError,
     ImdsError,
     ImdsRequestRejected,
     ImdsResponseInvalid,
@@ -143,6 +145,7 @@ class ImdsClient:
         stop: threading.Event | None = None,
         logger: Any = None,
         jitter: Callable[[], float] = random.random,
+        revalidate_seconds: float = 60.0,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_version = api_version
@@ -157,6 +160,8 @@ class ImdsClient:
         self._session.headers.update({"Metadata": "true", "User-Agent": "scheduled-events-agent"})
         self._service_warm = False
         self._etag: str | None = None
+        self._etag_at = float("-inf")
+        self._revalidate_seconds = revalidate_seconds
         self._last_body: bytes | None = None
         self._last_document: ScheduledEventsDocument | None = None
         self._last_retry_reason: str | None = None
@@ -176,18 +181,32 @@ class ImdsClient:
         url = self.scheduled_events_url
 
         def attempt() -> ScheduledEventsDocument:
-            headers = {"If-None-Match": self._etag} if self._etag else {}
+            # The ETag is only a hint (the docs never promise it, and the incarnation it
+            # follows can start over): it is dropped after any failure, and a full GET is made
+            # at least every revalidate_seconds whatever it says.
+            fresh = time.monotonic() - self._etag_at < self._revalidate_seconds
+            headers = {"If-None-Match": self._etag} if self._etag and fresh else {}
             timeout = self._timeouts.read if self._service_warm else self._timeouts.first_read
-            status, body, response_headers = self._send("GET", url, headers, None, timeout)
+            try:
+                status, body, response_headers = self._send("GET", url, headers, None, timeout)
+            except Exception:
+                self._etag = None
+                raise
             self._service_warm = True
             if status == 304 and self._last_document is not None:
                 return self._last_document
             if status != 200:
+                self._etag = None
                 raise ImdsResponseInvalid(f"imds: unexpected status {status} from {url}", url=url)
+            self._etag = response_headers.get("ETag")
+            self._etag_at = time.monotonic()
             if body == self._last_body and self._last_document is not None:
                 return self._last_document
-            document = parse_document_bytes(body)
-            self._etag = response_headers.get("ETag")
+            try:
+                document = parse_document_bytes(body)
+            except DocumentError:
+                self._etag = None
+                raise
             self._last_body = body
             self._last_document = document
             return document

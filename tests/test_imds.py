@@ -261,3 +261,27 @@ def test_instance_metadata_without_a_name_says_to_configure_one(emulator: Emulat
     emulator.control("POST", "faults", {"body": '{"compute": {"name": ""}}', "count": 1})
     with pytest.raises(ImdsResponseInvalid, match="vm_name"):
         client_for(emulator).fetch_instance_metadata()
+
+
+def test_an_incarnation_that_starts_over_is_caught_by_revalidation(emulator: Emulator) -> None:
+    # IMDS that was off (24 h without a request) may start its incarnation over: an ETag
+    # from before could then match a different document. The client revalidates in full.
+    client = client_for(emulator, revalidate_seconds=0.2)
+    emulator.add_event(type="Reboot")
+    first = client.fetch_scheduled_events()
+    with emulator.world.lock:
+        emulator.world.incarnation = first.incarnation - 1
+    emulator.add_event(type="Freeze")  # back to the same incarnation, different content
+    assert client.fetch_scheduled_events().incarnation == first.incarnation
+    wait_until(lambda: len(client.fetch_scheduled_events().events) == 2, interval=0.05)
+
+
+def test_a_failed_request_drops_the_etag(emulator: Emulator) -> None:
+    client = client_for(emulator)
+    emulator.add_event(type="Reboot")
+    first = client.fetch_scheduled_events()
+    with emulator.world.lock:
+        emulator.world.incarnation = first.incarnation - 1
+    emulator.add_event(type="Freeze")
+    emulator.control("POST", "faults", {"drop": True, "count": 1})
+    assert len(client.fetch_scheduled_events().events) == 2
