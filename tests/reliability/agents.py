@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from agent.errors import StateError
 from agent.state import Store
 from tests.agent_harness import config_for
 
@@ -64,9 +65,14 @@ def stored_state(directory: Path, event_id: str) -> str | None:
     path = directory / "state.db"
     if not path.exists():
         return None
-    store = Store(path, read_only=True)
+    try:
+        store = Store(path, read_only=True)
+    except StateError:
+        return None
     try:
         record = store.get(event_id)
         return record.state if record else None
+    except StateError:
+        return None  # the agent is still creating its tables
     finally:
         store.close()

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from agent.errors import StateError
 from agent.state import Store
 from tests.conftest import Emulator, wait_until
 from tests.reliability.agents import AgentProcess
@@ -86,6 +87,11 @@ def one_run(emulator: Emulator, directory: Path, kill_after: float, tried: Count
             if not (directory / "state.db").exists():
                 return False
             store = Store(directory / "state.db", read_only=True)
+            try:
+                store.get("none")
+            except StateError:  # the restarted agent is still creating its tables
+                store.close()
+                return False
             try:
                 states = {}
                 for name, key in events.items():
