@@ -46,6 +46,7 @@ class MetricsServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
+    wbufsize = -1  # headers and body in one write: no Nagle delay for the scraper
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: scrapes every few seconds would drown the agent's own log."""

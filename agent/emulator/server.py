@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -136,8 +137,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so clients can reuse one connection
     server: EmulatorServer
 
+    # Headers and body leave in one write: with two small writes, Nagle's algorithm and the
+    # client's delayed ACK hold every answer back by 40 ms.
+    wbufsize = -1
+
     def setup(self) -> None:
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.count_connection()
 
     def log_message(self, format: str, *args: Any) -> None:
