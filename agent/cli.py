@@ -17,7 +17,7 @@ from types import FrameType
 
 from agent import __version__, logs
 from agent import config as config_module
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, ImdsError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -141,6 +141,7 @@ def _install_stop_signals(stop: threading.Event) -> None:
 def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
+    from agent.arm import ArmClient
     from agent.daemon import Daemon, assemble
     from agent.exposition import MetricsServer
     from agent.imds import ImdsClient
@@ -155,10 +156,23 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     _install_stop_signals(stop)
     imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
     vm_name = config.vm_name
+    instance = None
+    maintenance = config.maintenance.check_interval_seconds > 0
     if vm_name is None:
         # The first call may wake a cold IMDS, which takes up to two minutes.
-        vm_name = imds.fetch_instance_metadata(budget_seconds=150).name
+        instance = imds.fetch_instance_metadata(budget_seconds=150)
+        vm_name = instance.name
         log.info("agent.vm_name", vm_name=vm_name, source="instance metadata")
+    elif maintenance:
+        try:
+            instance = imds.fetch_instance_metadata(budget_seconds=10)
+        except ImdsError as error:
+            # Scheduled Events matter more than the windows: go on without them.
+            log.error(
+                "maintenance.disabled",
+                reason=f"no instance metadata, so no resourceId to read the windows of: {error}",
+            )
+    arm = ArmClient(config.arm.url, imds) if maintenance and instance is not None else None
     # A dry run keeps its memory to itself: a later real run must not think work was done.
     store = Store(":memory:" if arguments.dry_run else config.state.path)
     failpoints = os.environ.get("SCHEDULED_EVENTS_AGENT_FAILPOINTS", "")
@@ -174,6 +188,8 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         failpoints=frozenset(name for name in failpoints.split(",") if name),
         metrics=Metrics(registry),
         notifier=Notifier(),
+        arm=arm,
+        instance=instance,
     )
     daemon = Daemon(parts)
     server = None
@@ -195,6 +211,8 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
             server.stop()
         store.close()
         imds.close()
+        if arm is not None:
+            arm.close()
 
 
 def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:

@@ -14,10 +14,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+from zoneinfo import ZoneInfo
 
 import yaml
 
 from agent.errors import ConfigError
+from agent.maintenance import Slot
 
 DEFAULT_PATH = Path("/etc/scheduled-events-agent/config.yaml")
 DEFAULT_METRICS_PORT = 9469
@@ -77,6 +79,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ArmConfig:
+    url: str = "https://management.azure.com"
+
+
+@dataclass(frozen=True)
+class SelfServiceConfig:
+    enabled: bool = False
+    slots: tuple[str, ...] = ()
+    time_zone: str = "UTC"
+    update_domain_spacing_minutes: float = 30.0
+
+
+@dataclass(frozen=True)
+class MaintenanceConfig:
+    check_interval_seconds: float = 3600.0  # 0: never read the windows (no identity needed)
+    self_service: SelfServiceConfig = field(default_factory=SelfServiceConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     imds: ImdsConfig = field(default_factory=ImdsConfig)
     vm_name: str | None = None
@@ -86,6 +107,8 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    arm: ArmConfig = field(default_factory=ArmConfig)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
 
 
 # A message when the value is wrong, else None. (Optional: evaluated at run time on 3.9.)
@@ -146,6 +169,45 @@ def _listen(value: Any) -> str | None:
     return None
 
 
+def _non_negative(maximum: float) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        if not 0 <= value <= maximum:
+            return f"expected 0 to {maximum:g}, got {value!r}"
+        return None
+
+    return check
+
+
+def _self_service(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"expected a mapping, got {value!r}"
+    known = {f.name for f in dataclasses.fields(SelfServiceConfig)}
+    problems = [f"unknown key {key!r}" for key in value if key not in known]
+    if "enabled" in value and not isinstance(value["enabled"], bool):
+        problems.append("enabled: expected true or false")
+    slots = value.get("slots", [])
+    if not isinstance(slots, list) or not all(isinstance(slot, str) for slot in slots):
+        problems.append("slots: expected a list like ['Sun 02:00-04:00']")
+    else:
+        for slot in slots:
+            try:
+                Slot.parse(slot)
+            except ValueError as error:
+                problems.append(f"slots: {error}")
+    zone = value.get("time_zone", "UTC")
+    try:
+        ZoneInfo(str(zone))
+    except (ValueError, KeyError, OSError):
+        problems.append(f"time_zone: unknown time zone {zone!r} (an IANA name like Europe/Berlin)")
+    spacing = value.get("update_domain_spacing_minutes", 30)
+    message = _non_negative(24 * 60)(spacing)
+    if message:
+        problems.append(f"update_domain_spacing_minutes: {message}")
+    return "; ".join(problems) or None
+
+
 # What each key accepts; the sections mirror the dataclasses above.
 _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
     "imds": (
@@ -176,6 +238,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
     ),
     "state": (StateConfig, {"path": _text}),
     "metrics": (MetricsConfig, {"listen": _listen}),
+    "arm": (ArmConfig, {"url": _url}),
+    "maintenance": (
+        MaintenanceConfig,
+        {"check_interval_seconds": _non_negative(7 * 24 * 3600), "self_service": _self_service},
+    ),
     "logging": (
         LoggingConfig,
         {
@@ -229,6 +296,13 @@ def _section(name: str, value: Any, problems: list[str]) -> Any:
         message = checks[key](item)
         if message:
             problems.append(f"{name}.{key}: {message}")
+            continue
+        if key == "self_service":
+            settings: dict[str, Any] = {
+                name: tuple(setting) if isinstance(setting, list) else setting
+                for name, setting in item.items()
+            }
+            values[key] = SelfServiceConfig(**settings)
             continue
         values[key] = tuple(item) if isinstance(item, list) else item
     if len(problems) > before:

@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from agent.arm import ArmClient
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.errors import (
@@ -36,7 +37,7 @@ from agent.errors import (
 )
 from agent.events import ScheduledEvent, ScheduledEventsDocument
 from agent.hooks import INTERRUPTED, HookContext, HookRunner, deadline_for, discover
-from agent.imds import ImdsClient
+from agent.imds import ImdsClient, InstanceMetadata
 from agent.lifecycle import (
     ACTIVE,
     APPROVED,
@@ -49,6 +50,7 @@ from agent.lifecycle import (
     plan,
 )
 from agent.metrics import Metrics, type_label
+from agent.selfservice import SelfService, is_self_service
 from agent.state import Store
 from agent.systemd import Notifier
 
@@ -73,6 +75,8 @@ class Collaborators:
     failpoints: Collection[str] = ()
     metrics: Metrics | None = None
     notifier: Notifier | None = None
+    arm: ArmClient | None = None
+    instance: InstanceMetadata | None = None
 
 
 def assemble(
@@ -88,6 +92,8 @@ def assemble(
     failpoints: Collection[str] = (),
     metrics: Metrics | None = None,
     notifier: Notifier | None = None,
+    arm: ArmClient | None = None,
+    instance: InstanceMetadata | None = None,
 ) -> Collaborators:
     """The daemon's parts for ``config``: the real clock and a hook runner set from it."""
     clock = SystemClock(stop)
@@ -112,6 +118,8 @@ def assemble(
         failpoints=failpoints,
         metrics=metrics,
         notifier=notifier,
+        arm=arm,
+        instance=instance,
     )
 
 
@@ -137,6 +145,22 @@ class Daemon:
         self._last_success: float | None = None
         self._ready = False
         self._degraded_reported = False
+        self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
+        self.self_service: SelfService | None = None
+        if parts.arm is not None and parts.instance is not None:
+            self.self_service = SelfService(
+                config=parts.config,
+                arm=parts.arm,
+                instance=parts.instance,
+                store=parts.store,
+                metrics=self._metrics,
+                clock=parts.clock,
+                stop=parts.stop,
+                log=self._log,
+                dry_run=parts.dry_run,
+                run_prepare=lambda event: self._run_phase("prepare", event),
+                recover=lambda key: self._ensure_worker(key, gone=True),
+            )
 
     # The loop ------------------------------------------------------------------------------
 
@@ -149,6 +173,15 @@ class Daemon:
             poll_interval_seconds=self._config.imds.poll_interval_seconds,
         )
         interval = self._config.imds.poll_interval_seconds
+        watcher = None
+        if self.self_service is not None:
+            # Before the watcher may take a new one: wind up one a restart cut short.
+            self.self_service.resume()
+        if self.self_service is not None and self._config.maintenance.check_interval_seconds > 0:
+            watcher = threading.Thread(
+                target=self.self_service.run, name="maintenance", daemon=True
+            )
+            watcher.start()
         while not self._stop.is_set():
             started = self._clock.monotonic()
             self.poll()
@@ -156,6 +189,8 @@ class Daemon:
             self._notifier.status(self.summary())
             self._clock.wait(interval - (self._clock.monotonic() - started))
         self._notifier.stopping()
+        if watcher is not None:
+            watcher.join(timeout=60)
         self._join_workers()
         self._log.info("agent.stopped")
         return 0
@@ -194,7 +229,11 @@ class Daemon:
 
     def run_once(self) -> int:
         """One poll, handled fully: every worker it starts runs to its end."""
+        if self.self_service is not None:
+            self.self_service.resume()
         ok = self.poll(budget_seconds=10.0)
+        if self.self_service is not None and self._config.maintenance.check_interval_seconds > 0:
+            self.self_service.check()
         self._join_workers()
         return 0 if ok else 1
 
@@ -279,7 +318,12 @@ class Daemon:
 
     def _handle(self, document: ScheduledEventsDocument) -> None:
         now = self._clock.now()
-        known = self._store.known_unfinished()
+        # Self-service maintenances are never in the IMDS document: they end another way.
+        known = {
+            key: value
+            for key, value in self._store.known_unfinished().items()
+            if not is_self_service(key)
+        }
         changes = plan(document, known, self._parts.vm_name, self._config.events.types)
         for event, relevance in changes.discovered:
             if self._store.get(event.key) is not None:
@@ -309,6 +353,13 @@ class Daemon:
             )
             if relevance.relevant:
                 self._ensure_worker(event.key)
+                awaiting = self.self_service.awaiting_redeploy if self.self_service else None
+                if awaiting is not None and event.event_type == "Redeploy":
+                    # The Redeploy that follows our performMaintenance: when it leaves, the VM
+                    # is back and the self-service maintenance is over.
+                    self._redeploy_for[event.key] = awaiting
+                    if self.self_service is not None:
+                        self.self_service.awaiting_redeploy = None
         for event in changes.changed:
             self._store.update_event(event, document.incarnation, now)
             name = "event.started" if event.status == "Started" else "event.changed"
@@ -320,6 +371,8 @@ class Daemon:
                 self._store.move(key, "gone", now)
             else:
                 self._ensure_worker(key, gone=True)
+            if key in self._redeploy_for:
+                self._ensure_worker(self._redeploy_for.pop(key), gone=True)
         if not self._resumed:
             self._resumed = True
             for key, (state, _) in known.items():

@@ -50,6 +50,8 @@ DEFAULT_URL = "http://169.254.169.254"
 DEFAULT_API_VERSION = "2020-07-01"
 INSTANCE_API_VERSION = "2021-02-01"
 SCHEDULED_EVENTS_PATH = "/metadata/scheduledevents"
+IDENTITY_PATH = "/metadata/identity/oauth2/token"
+IDENTITY_API_VERSION = "2018-02-01"
 INSTANCE_PATH = "/metadata/instance"
 # A real document is a few hundred bytes an event; a thousand events fit in well under 1 MiB.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -257,6 +259,28 @@ class ImdsClient:
                     f"imds: the answer of {url} is not JSON: {_snippet(body)}", url=url
                 ) from None
             return InstanceMetadata.from_json(data, url)
+
+        return self._with_retries(attempt, url, budget_seconds)
+
+    def fetch_token(self, resource: str, *, budget_seconds: float | None = None) -> dict[str, str]:
+        """A managed-identity token for ``resource``; every field a string, as IMDS gives them.
+
+        Raises ImdsRequestRejected (status 400) when the VM has no identity assigned.
+        """
+        query = urlencode({"api-version": IDENTITY_API_VERSION, "resource": resource})
+        url = f"{self._base_url}{IDENTITY_PATH}?{query}"
+
+        def attempt() -> dict[str, str]:
+            status, body, _ = self._send("GET", url, {}, None, self._timeouts.read)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if status != 200 or not isinstance(data, dict) or "access_token" not in data:
+                raise ImdsResponseInvalid(
+                    f"imds: no token in the answer of {url}: {_snippet(body)}", url=url
+                )
+            return {key: str(value) for key, value in data.items()}
 
         return self._with_retries(attempt, url, budget_seconds)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent import __version__
 from agent.events import KNOWN_TYPES, SCHEDULED, STARTED, ScheduledEvent
+from agent.maintenance import parse_iso
 
 PREFIX = "scheduled_events_agent"
 SOURCES = ("Platform", "User")
@@ -135,6 +137,35 @@ class Metrics:
             "1 while the state store works in memory only (its file cannot be written).",
             registry=registry,
         )
+        self.window_start = Gauge(
+            f"{PREFIX}_maintenance_window_start_timestamp_seconds",
+            "Start of this VM's maintenance window (Unix time; 0 when none is planned).",
+            ["window"],
+            registry=registry,
+        )
+        self.window_end = Gauge(
+            f"{PREFIX}_maintenance_window_end_timestamp_seconds",
+            "End of this VM's maintenance window (Unix time; 0 when none is planned).",
+            ["window"],
+            registry=registry,
+        )
+        self.self_service_allowed = Gauge(
+            f"{PREFIX}_self_service_maintenance_allowed",
+            "1 when Azure allows this VM's owner to start its maintenance now.",
+            registry=registry,
+        )
+        self.maintenance_errors = Counter(
+            f"{PREFIX}_maintenance_check_errors_total",
+            "Failed reads of the maintenance windows, by cause.",
+            ["cause"],
+            registry=registry,
+        )
+        self.self_service_runs = Counter(
+            f"{PREFIX}_self_service_maintenances_total",
+            "Self-service maintenances taken, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         self.events_late = Counter(
             f"{PREFIX}_events_late_total",
             "Events first seen already Started, or with NotBefore already passed.",
@@ -144,6 +175,11 @@ class Metrics:
         # Every bounded label set exists from the start, so that rates and alerts see zeros.
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome=outcome)
+        for window in ("self_service", "scheduled"):
+            self.window_start.labels(window=window)
+            self.window_end.labels(window=window)
+        for run_outcome in ("succeeded", "failed"):
+            self.self_service_runs.labels(outcome=run_outcome)
         for event_type in (*KNOWN_TYPES, "other"):
             self.events_late.labels(type=event_type)
             for status in (SCHEDULED, STARTED):
@@ -155,6 +191,24 @@ class Metrics:
         for approval_outcome, reasons in APPROVAL_REASONS.items():
             for reason in reasons:
                 self.approvals.labels(outcome=approval_outcome, reason=reason)
+
+    def maintenance(self, status: Any) -> None:
+        """The windows of ``status`` (an arm.MaintenanceStatus, or None when none is planned)."""
+        windows = {
+            "self_service": (
+                getattr(status, "self_service_start", None),
+                getattr(status, "self_service_end", None),
+            ),
+            "scheduled": (
+                getattr(status, "scheduled_start", None),
+                getattr(status, "scheduled_end", None),
+            ),
+        }
+        for window, (start, end) in windows.items():
+            start_time, end_time = parse_iso(start), parse_iso(end)
+            self.window_start.labels(window=window).set(start_time.timestamp() if start_time else 0)
+            self.window_end.labels(window=window).set(end_time.timestamp() if end_time else 0)
+        self.self_service_allowed.set(1 if getattr(status, "allowed", False) else 0)
 
     def poll(self, outcome: str, seconds: float, now: datetime | None = None) -> None:
         self.polls.labels(outcome=outcome).inc()

@@ -5,6 +5,7 @@ Pure over the store's records: no I/O beyond the reads the caller passes in.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -59,11 +60,20 @@ def event_summary(store: Store, record: EventRecord) -> dict[str, Any]:
 def status(store: Store) -> dict[str, Any]:
     meta = store.meta()
     pending = [event_summary(store, record) for record in store.events(states=ACTIVE)]
+    maintenance = meta.get("maintenance")
+    self_service = [
+        event_summary(store, record)
+        for record in store.events()
+        if record.key.startswith("self-service:")
+    ]
     return {
         "vm_name": meta.get("vm_name"),
         "last_poll_at": meta.get("last_poll_at"),
         "document_incarnation": meta.get("document_incarnation"),
         "events": pending,
+        "maintenance": json.loads(maintenance) if maintenance else None,
+        "maintenance_checked_at": meta.get("maintenance_checked_at"),
+        "self_service_maintenances": self_service,
     }
 
 
@@ -77,6 +87,26 @@ def status_text(report: dict[str, Any]) -> str:
         f"last poll recorded: {report['last_poll_at'] or 'never'}"
         f" (incarnation {report['document_incarnation'] or '-'})",
     ]
+    windows = report.get("maintenance")
+    if report.get("maintenance_checked_at") is None:
+        lines.append("maintenance windows: not read yet")
+    elif windows is None:
+        lines.append(f"maintenance windows: none planned (read {report['maintenance_checked_at']})")
+    else:
+        lines.extend(
+            [
+                f"self-service window: {windows['self_service_start']} to "
+                f"{windows['self_service_end']}; allowed now: "
+                f"{'yes' if windows['allowed'] else 'no'}",
+                f"scheduled window: {windows['scheduled_start']} to {windows['scheduled_end']}",
+                f"last maintenance operation: {windows['last_result'] or '-'}"
+                + (f" ({windows['last_message']})" if windows.get("last_message") else ""),
+            ]
+        )
+    for taken in report.get("self_service_maintenances", []):
+        lines.append(
+            f"self-service maintenance {taken['event_id']}: {taken['decision'] or taken['state']}"
+        )
     if not report["events"]:
         lines.append("no events pending")
     for event in report["events"]:

@@ -274,6 +274,7 @@ class Store:
 
     def move(self, key: str, trigger: str, now: datetime, *, decision: str | None = None) -> str:
         """Apply ``trigger`` to the event's state through the transition table."""
+        key = key.lower()
         with self._lock:
             record = self.get(key)
             if record is None:
@@ -326,6 +327,7 @@ class Store:
     def hook_started(
         self, key: str, phase: str, hook: str, started_at: datetime, deadline: datetime
     ) -> int:
+        key = key.lower()
         row_id = self._write(
             "INSERT INTO hook_runs (event_key, phase, hook, started_at, deadline)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -349,6 +351,7 @@ class Store:
         )
 
     def hook_runs(self, key: str, phase: str | None = None) -> list[HookRun]:
+        key = key.lower()
         sql = "SELECT * FROM hook_runs WHERE event_key = ?"
         parameters: tuple[Any, ...] = (key,)
         if phase is not None:
@@ -363,6 +366,7 @@ class Store:
     # Approvals -----------------------------------------------------------------------------
 
     def approval_started(self, key: str, source: str, now: datetime) -> int:
+        key = key.lower()
         row_id = self._write(
             "INSERT INTO approvals (event_key, source, started_at) VALUES (?, ?, ?)",
             (key, source, _iso(now)),
@@ -379,6 +383,7 @@ class Store:
         )
 
     def approvals(self, key: str) -> list[ApprovalRecord]:
+        key = key.lower()
         rows = self._read("SELECT * FROM approvals WHERE event_key = ? ORDER BY id", (key,))
         return [ApprovalRecord(**_columns(row, ApprovalRecord)) for row in rows]
 

@@ -106,6 +106,7 @@ def agent(workdir: Path, url: str, interval: float = 1.0) -> Iterator[subprocess
         "hooks": {"prepare_dir": str(prepare), "recover_dir": str(workdir / "recover.d")},
         "state": {"path": str(workdir / "state.db")},
         "metrics": {"listen": None},
+        "arm": {"url": url},
         "logging": {"format": "json", "level": "warning"},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

@@ -73,6 +73,7 @@ def main() -> int:
         " timeout_seconds: 30}\n"
         f"state: {{path: '{workdir}/state.db'}}\n"
         "metrics: {listen: null}\n"
+        f"arm: {{url: '{match.group(1)}'}}\n"
         "logging: {format: console}\n"
     )
     environment_hooks = {"HOOKS_ENV": str(workdir / "hooks.env")}

@@ -71,6 +71,8 @@ def config_for(
         },
         "state": {"path": str(directory / "state.db")},
         "metrics": {"listen": None},
+        # The emulator serves Azure Resource Manager too: nothing leaves 127.0.0.1.
+        "arm": {"url": imds_url},
     }
     for name, values in sections.items():
         if isinstance(values, dict):

@@ -24,6 +24,7 @@ def test_the_example_file_names_every_key() -> None:
         if section == "vm_name":
             continue
         assert set(values) == set(vars(getattr(defaults, section))), section
+    assert set(data["maintenance"]["self_service"]) == set(vars(defaults.maintenance.self_service))
 
 
 def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:

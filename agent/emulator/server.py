@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from agent.emulator import arm
 from agent.emulator.faults import Fault, FaultQueue, RateLimiter
 from agent.emulator.wire import (
     INSTANCE_VERSIONS,
@@ -65,6 +66,7 @@ class EmulatorServer(ThreadingHTTPServer):
         self.connections = 0
         self.requests = 0
         self.first_metadata_request_at: float | None = None
+        self.arm = arm.ArmState()
         self._first_call_pending = first_call_delay_seconds > 0
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -184,6 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._metadata(method, path, query, body)
         elif path.startswith("/emulator/"):
             self._control(method, path, body)
+        elif path.startswith(("/subscriptions/", "/emulator-arm/")):
+            self._arm(method, path, query)
         else:
             self._send_json(404, {"error": f"not found: {path}"})
 
@@ -352,6 +356,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._api_version_ok(query, TOKEN_VERSIONS):
             return
         resource = query.get("resource")
+        if not self.server.arm.identity:
+            self._send_json(
+                400,
+                {"error": "invalid_request", "error_description": "Identity not found"},
+            )
+            return
         if not resource:
             self._send_json(
                 400,
@@ -426,6 +436,16 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ControlError(400, f"fault: {error}") from None
             self.server.faults.push(fault)
             self._send_json(201, {"queued": payload})
+        elif route == ("POST", "arm"):
+            try:
+                self.server.arm.configure(payload if isinstance(payload, dict) else {})
+            except ValueError as error:
+                raise ControlError(400, f"arm: {error}") from None
+            self._send_json(200, {"status": self.server.arm.status})
+        elif route == ("GET", "arm"):
+            self._send_json(
+                200, {"status": self.server.arm.status, "performed": len(self.server.arm.performed)}
+            )
         elif route == ("POST", "reset"):
             world.reset()
             self.server.faults.clear()
@@ -442,6 +462,65 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             raise ControlError(404, f"no control route {method} /emulator/{'/'.join(segments)}")
+
+    # Azure Resource Manager ----------------------------------------------------------------
+
+    def _arm(self, method: str, path: str, query: dict[str, str]) -> None:
+        state = self.server.arm
+        if not self.headers.get("Authorization", "").startswith("Bearer emulated."):
+            self._send_json(401, arm.error_body(401, self.server.world.vm_name))
+            return
+        error = state.take_error()
+        if error is not None:
+            extra = (
+                {"Retry-After": str(error.get("retry_after", 1))} if error["status"] == 429 else {}
+            )
+            self._send_json(
+                error["status"],
+                arm.error_body(error["status"], self.server.world.vm_name),
+                extra=extra,
+            )
+            return
+        if query.get("api-version") not in arm.ARM_VERSIONS:
+            self._send_json(
+                400,
+                {
+                    "error": {
+                        "code": "InvalidApiVersionParameter",
+                        "message": "The api-version is invalid.",
+                    }
+                },
+            )
+            return
+        if path.startswith("/emulator-arm/operations/") and method == "GET":
+            operation = arm.poll(state, self.server.world, path.rsplit("/", 1)[1])
+            if operation is None:
+                self._send_json(404, {"error": {"code": "NotFound", "message": "No operation."}})
+            else:
+                self._send_json(200, operation)
+            return
+        resource_id = self.server.instance_document()["compute"]["resourceId"].lower()
+        if path.lower() == f"{resource_id}/instanceview" and method == "GET":
+            view: dict[str, Any] = {"computerName": self.server.world.vm_name, "statuses": []}
+            with state.lock:
+                if state.status is not None:
+                    view["maintenanceRedeployStatus"] = dict(state.status)
+            self._send_json(200, view)
+        elif path.lower() == f"{resource_id}/performmaintenance" and method == "POST":
+            status, body, location = arm.perform(state, self.server.world, self.server.url)
+            extra = {}
+            if location:
+                version = query["api-version"]
+                extra = {
+                    "Location": f"{location}?api-version={version}",
+                    "Azure-AsyncOperation": f"{location}?api-version={version}",
+                    "Retry-After": "1",
+                }
+            self._send_json(status, body, extra=extra)
+        else:
+            self._send_json(
+                404, {"error": {"code": "ResourceNotFound", "message": f"{path} was not found."}}
+            )
 
     # Answers -------------------------------------------------------------------------------
 

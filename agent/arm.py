@@ -1,0 +1,203 @@
+"""Azure Resource Manager, for self-service maintenance: read the maintenance windows of this VM
+and start its maintenance (azure-facts section 6).
+
+Invariants:
+- Authorised with the VM's managed identity: a token from IMDS for the management resource,
+  cached until five minutes before it expires.
+- Paths come from instance metadata's ``resourceId``, which is already the scale-set instance's
+  own path for a scale-set VM.
+- Every failure is an ArmError whose message names the cause and the fix: no identity, the
+  missing permission, throttling (``retry_after`` from Retry-After), ARM unreachable, not allowed.
+- Never a proxy from the environment for the token (IMDS); ARM itself is reached as configured.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from agent.errors import AgentError, ImdsError, ImdsRequestRejected
+from agent.imds import ImdsClient
+
+ARM_RESOURCE = "https://management.azure.com/"
+ARM_API_VERSION = "2025-04-01"
+PERMISSION = "Microsoft.Compute/virtualMachines/performMaintenance/action"
+
+
+class ArmError(AgentError):
+    """ARM refused or could not be reached; ``cause`` is a fixed word for metrics and logs."""
+
+    def __init__(self, message: str, *, cause: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class MaintenanceStatus:
+    """``maintenanceRedeployStatus``; the windows are ISO 8601 strings, as ARM gives them."""
+
+    allowed: bool
+    self_service_start: str | None
+    self_service_end: str | None
+    scheduled_start: str | None
+    scheduled_end: str | None
+    last_result: str | None
+    last_message: str | None
+
+    @classmethod
+    def from_view(cls, view: Any) -> MaintenanceStatus | None:
+        status = view.get("maintenanceRedeployStatus") if isinstance(view, dict) else None
+        if not isinstance(status, dict):
+            return None
+
+        def text(key: str) -> str | None:
+            value = status.get(key)
+            return value if isinstance(value, str) and value else None
+
+        return cls(
+            allowed=status.get("isCustomerInitiatedMaintenanceAllowed") is True,
+            self_service_start=text("preMaintenanceWindowStartTime"),
+            self_service_end=text("preMaintenanceWindowEndTime"),
+            scheduled_start=text("maintenanceWindowStartTime"),
+            scheduled_end=text("maintenanceWindowEndTime"),
+            last_result=text("lastOperationResultCode"),
+            last_message=text("lastOperationMessage"),
+        )
+
+
+class ArmClient:
+    def __init__(
+        self,
+        base_url: str,
+        imds: ImdsClient,
+        *,
+        api_version: str = ARM_API_VERSION,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._imds = imds
+        self._api_version = api_version
+        self._timeout = timeout_seconds
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = "scheduled-events-agent"
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def instance_view(self, resource_id: str) -> MaintenanceStatus | None:
+        """The maintenance windows, or None when no maintenance is planned for this VM."""
+        view = self._request("GET", f"{resource_id}/instanceView")
+        return MaintenanceStatus.from_view(view)
+
+    def perform_maintenance(self, resource_id: str) -> str | None:
+        """Start the maintenance; the operation URL to poll, or None if it finished at once."""
+        response = self._send(
+            "POST", f"{self._base_url}{resource_id}/performMaintenance", versioned=True
+        )
+        if response.status_code == 200:
+            return None
+        location = response.headers.get("Azure-AsyncOperation") or response.headers.get("Location")
+        if not location:
+            raise ArmError(
+                "arm: performMaintenance answered 202 without an operation to follow",
+                cause="bad_answer",
+            )
+        return location
+
+    def operation_status(self, url: str) -> str:
+        """``InProgress``, ``Succeeded``, ``Failed`` or ``Canceled``."""
+        body = self._json(self._send("GET", url, versioned=False), url)
+        status = body.get("status") if isinstance(body, dict) else None
+        if not isinstance(status, str):
+            raise ArmError(f"arm: the operation {url} has no status", cause="bad_answer")
+        return status
+
+    def _request(self, method: str, path: str) -> Any:
+        url = f"{self._base_url}{path}"
+        return self._json(self._send(method, url, versioned=True), url)
+
+    def _json(self, response: requests.Response, url: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise ArmError(f"arm: the answer of {url} is not JSON", cause="bad_answer") from None
+
+    def _send(self, method: str, url: str, *, versioned: bool) -> requests.Response:
+        params = {"api-version": self._api_version} if versioned else None
+        headers = {"Authorization": f"Bearer {self._bearer()}"}
+        try:
+            response = self._session.request(
+                method, url, params=params, headers=headers, timeout=self._timeout
+            )
+        except requests.RequestException as error:
+            raise ArmError(
+                f"arm: {self._base_url} is unreachable ({type(error).__name__}): check DNS, "
+                "the firewall and any proxy on the way to management.azure.com (arm.url)",
+                cause="unreachable",
+            ) from None
+        if response.status_code in (200, 201, 202):
+            return response
+        if response.status_code == 401:
+            with self._lock:
+                self._token = None  # a revoked or expired token: fetch a new one next time
+        raise _error_for(response, method, url)
+
+    def _bearer(self) -> str:
+        with self._lock:
+            if self._token is not None and time.time() < self._token_expires - 300:
+                return self._token
+            try:
+                token = self._imds.fetch_token(ARM_RESOURCE)
+            except ImdsRequestRejected as error:
+                raise ArmError(
+                    "arm: this VM has no managed identity to read its maintenance windows with "
+                    f"({error}); assign one: az vm identity assign -g GROUP -n VM",
+                    cause="no_identity",
+                ) from None
+            except ImdsError as error:
+                raise ArmError(f"arm: no token from IMDS: {error}", cause="no_token") from None
+            self._token = token["access_token"]
+            expires = token.get("expires_on", "")
+            self._token_expires = float(expires) if expires.isdigit() else time.time() + 3000
+            return self._token
+
+
+def _error_for(response: requests.Response, method: str, url: str) -> ArmError:
+    try:
+        error = response.json().get("error", {})
+        code, message = error.get("code", ""), error.get("message", "")
+    except (ValueError, AttributeError):
+        code, message = "", response.text[:200]
+    status = response.status_code
+    where = f"arm: {method} {url.split('?', maxsplit=1)[0]} answered {status} {code}"
+    if status == 403:
+        return ArmError(
+            f"{where}: the VM's identity lacks a permission: it needs "
+            "Microsoft.Compute/virtualMachines/read to see the windows and "
+            f"{PERMISSION} to start the maintenance (a role with them on the VM: "
+            "Virtual Machine Contributor, or a custom role)",
+            cause="forbidden",
+        )
+    if status == 409:
+        return ArmError(
+            f"{where}: {message} (self-service maintenance is not allowed now)", cause="not_allowed"
+        )
+    if status == 429:
+        retry = response.headers.get("Retry-After", "")
+        seconds = float(retry) if retry.replace(".", "", 1).isdigit() else 60.0
+        return ArmError(
+            f"{where}: throttled, retrying in {seconds:g} s", cause="throttled", retry_after=seconds
+        )
+    if status == 401:
+        return ArmError(
+            f"{where}: the token was refused; a new one is fetched next time", cause="unauthorized"
+        )
+    return ArmError(f"{where}: {message}", cause=f"http_{status}")
