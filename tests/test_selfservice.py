@@ -331,14 +331,15 @@ def test_a_full_self_service_maintenance(
 def test_never_twice_in_one_window_whatever_restarts(
     live: Emulator, tmp_path: Path, agents: list[Agent]
 ) -> None:
-    live.control("POST", "arm", {"status": windows()})
+    wave = windows()
+    live.control("POST", "arm", {"status": wave})
     first = Agent(tmp_path, live.url)
     wait_until(lambda: performed(live) == 1, timeout=30)
     wait_until(
         lambda: (r := self_service_record(first)) is not None and r.state == "done", timeout=30
     )
     first.close()
-    live.control("POST", "arm", {"status": windows()})  # allowed again, same window
+    live.control("POST", "arm", {"status": wave})  # allowed again, the same window
     agents.append(second := Agent(tmp_path, live.url))
     wait_until(
         lambda: second.daemon.self_service is not None and second.daemon.self_service._checked,
