@@ -19,11 +19,11 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from agent.errors import ConfigError
+from agent.events import KNOWN_TYPES
 from agent.maintenance import Slot
 
 DEFAULT_PATH = Path("/etc/scheduled-events-agent/config.yaml")
 DEFAULT_METRICS_PORT = 9469
-KNOWN_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
 SCHEDULED_EVENTS_VERSIONS = (
     "2017-03-01",
     "2017-08-01",

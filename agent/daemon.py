@@ -186,7 +186,8 @@ class Daemon:
             started = self._clock.monotonic()
             self.poll()
             self._notifier.watchdog()
-            self._notifier.status(self.summary())
+            if self._notifier.enabled:  # no summary to build on every poll for nobody
+                self._notifier.status(self.summary())
             self._clock.wait(interval - (self._clock.monotonic() - started))
         self._notifier.stopping()
         if watcher is not None:

@@ -15,7 +15,7 @@ IllegalTransition naming the event, its state and the trigger.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -149,7 +149,3 @@ def plan(
             changed.append(event)
     gone = [key for key, (state, _) in known.items() if state != DONE and key not in present]
     return Plan(tuple(discovered), tuple(changed), tuple(sorted(gone)))
-
-
-def active_keys(states: Iterable[tuple[str, str]]) -> list[str]:
-    return [key for key, state in states if state in ACTIVE]

@@ -21,7 +21,6 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -190,12 +189,3 @@ class SelfService:
         for record in self._store.events(states=states):
             if is_self_service(record.key):
                 self._recover(record.key)
-
-
-def window_times(status: MaintenanceStatus | None) -> dict[str, tuple[datetime | None, ...]]:
-    if status is None:
-        return {"self_service": (None, None), "scheduled": (None, None)}
-    return {
-        "self_service": (parse_iso(status.self_service_start), parse_iso(status.self_service_end)),
-        "scheduled": (parse_iso(status.scheduled_start), parse_iso(status.scheduled_end)),
-    }

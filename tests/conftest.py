@@ -123,6 +123,21 @@ def emulator(start_emulator: Callable[..., Emulator]) -> Emulator:
     return start_emulator()
 
 
+@pytest.fixture
+def live(start_emulator: Callable[..., Emulator]) -> Emulator:
+    """An emulator on the real clock, for tests that run the agent."""
+    return start_emulator(real_time=True)
+
+
+def approved_ids(emulator: Emulator) -> list[str]:
+    """Every EventId the emulator accepted an approval for, in order."""
+    return [
+        request["EventId"]
+        for approval in emulator.control("GET", "approvals").json()
+        for request in approval["body"]["StartRequests"]
+    ]
+
+
 def wait_until(
     condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
 ) -> None:

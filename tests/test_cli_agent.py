@@ -15,14 +15,9 @@ import pytest
 import yaml
 
 from tests.agent_harness import calls, config_for
-from tests.conftest import Emulator, wait_until
+from tests.conftest import Emulator, approved_ids, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
 
 
 def write_config(directory: Path, url: str, **sections: Any) -> Path:
@@ -45,14 +40,6 @@ def agent(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 
 def log_events(output: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-
-
-def approved_ids(emulator: Emulator) -> list[str]:
-    return [
-        request["EventId"]
-        for approval in emulator.control("GET", "approvals").json()
-        for request in approval["body"]["StartRequests"]
-    ]
 
 
 # check-config ------------------------------------------------------------------------------

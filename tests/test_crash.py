@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -56,11 +56,6 @@ class AgentProcess:
         status = self.process.wait(timeout=30)
         self.log.close()
         return status
-
-
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
 
 
 @pytest.fixture

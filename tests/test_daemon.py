@@ -5,19 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from agent.lifecycle import DONE, IGNORED, WAITING
 from tests.agent_harness import RunningAgent, build_agent, calls, start_agent
-from tests.conftest import Emulator, wait_until
-
-
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
+from tests.conftest import Emulator, approved_ids, wait_until
 
 
 @pytest.fixture
@@ -31,14 +26,6 @@ def agents() -> Iterator[list[RunningAgent]]:
 def approvals(emulator: Emulator) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = emulator.control("GET", "approvals").json()
     return found
-
-
-def approved_ids(emulator: Emulator) -> list[str]:
-    return [
-        request["EventId"]
-        for approval in approvals(emulator)
-        for request in approval["body"]["StartRequests"]
-    ]
 
 
 def state_of(agent: RunningAgent, event_id: str) -> str | None:

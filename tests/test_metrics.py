@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
@@ -87,11 +87,6 @@ class Running:
             self.thread.join(timeout=30)
         self.store.close()
         self.imds.close()
-
-
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
 
 
 @pytest.fixture

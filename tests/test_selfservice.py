@@ -123,11 +123,6 @@ def test_no_maintenance_outside_the_window_or_when_not_allowed() -> None:
 
 
 @pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
-
-
-@pytest.fixture
 def arm_client(live: Emulator) -> Iterator[tuple[ArmClient, str]]:
     imds = ImdsClient(live.url, retry=RetryPolicy(budget_seconds=2))
     client = ArmClient(live.url, imds)

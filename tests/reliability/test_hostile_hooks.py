@@ -19,11 +19,6 @@ from tests.reliability.agents import AgentProcess, stored_state
 MEMORY_BOUND_MB = 80
 
 
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
-
-
 def hook(directory: Path, body: str) -> None:
     prepare = directory / "prepare.d"
     prepare.mkdir(mode=0o755, parents=True, exist_ok=True)

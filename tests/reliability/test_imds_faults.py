@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.agent_harness import RunningAgent, calls, start_agent
-from tests.conftest import Emulator, wait_until
+from tests.conftest import Emulator, approved_ids, wait_until
 
 FAULTS: list[dict[str, Any]] = [
     *({"status": status, "count": 3} for status in (400, 403, 404, 405, 410, 429, 500, 502, 503)),
@@ -30,24 +30,11 @@ FAULTS: list[dict[str, Any]] = [
 
 
 @pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
-
-
-@pytest.fixture
 def agents() -> Iterator[list[RunningAgent]]:
     running: list[RunningAgent] = []
     yield running
     for agent in running:
         agent.close()
-
-
-def approved(emulator: Emulator) -> list[str]:
-    return [
-        request["EventId"]
-        for approval in emulator.control("GET", "approvals").json()
-        for request in approval["body"]["StartRequests"]
-    ]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: str(fault)[:60])
@@ -62,7 +49,7 @@ def test_a_fault_never_stops_the_agent(
     wait_until(lambda: live.server.requests > 2)
     live.control("POST", "faults", fault)
     event = live.add_event(type="Reboot")
-    wait_until(lambda: approved(live) == [event["EventId"]], timeout=60, interval=0.1)
+    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60, interval=0.1)
     assert agent.thread is not None and agent.thread.is_alive()
     tried["IMDS faults survived"] += 1
 
@@ -76,7 +63,7 @@ def test_a_first_call_that_takes_100_seconds(
     emulator = start_emulator(real_time=True, first_call_delay_seconds=100)
     event = emulator.add_event(type="Reboot")
     agents.append(start_agent(tmp_path, emulator.url))
-    wait_until(lambda: approved(emulator) == [event["EventId"]], timeout=150, interval=0.5)
+    wait_until(lambda: approved_ids(emulator) == [event["EventId"]], timeout=150, interval=0.5)
     # One request, answered after 100 s: the long first timeout waited for it.
     tried["first call of 100 s waited for"] += 1
 
@@ -86,7 +73,7 @@ def test_an_incarnation_that_goes_backwards(
 ) -> None:
     agents.append(start_agent(tmp_path, live.url))
     first = live.add_event(type="Freeze")
-    wait_until(lambda: approved(live) == [first["EventId"]])
+    wait_until(lambda: approved_ids(live) == [first["EventId"]])
     # IMDS turns off (24 h without a request: here, requests that fail) and on again, and its
     # incarnation starts over; the next document may even carry an incarnation seen before.
     live.control("POST", "faults", {"drop": True, "count": 40})
@@ -94,7 +81,7 @@ def test_an_incarnation_that_goes_backwards(
     with live.world.lock:
         live.world.incarnation = 1
     second = live.add_event(type="Reboot")
-    wait_until(lambda: approved(live) == [first["EventId"], second["EventId"]])
+    wait_until(lambda: approved_ids(live) == [first["EventId"], second["EventId"]])
     tried["incarnation going backwards"] += 1
 
 
@@ -111,6 +98,6 @@ def test_an_event_that_vanishes_while_its_hook_runs(
     wait_until(
         lambda: (record := agent.store.get(event["EventId"])) is not None and record.state == "done"
     )
-    assert approved(live) == []
+    assert approved_ids(live) == []
     assert calls(tmp_path)[-1] == f"end recover Reboot {event['EventId']}"
     tried["event vanished while its hook ran"] += 1

@@ -8,27 +8,14 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from agent.state import Store
 from tests.agent_harness import start_agent
-from tests.conftest import Emulator, wait_until
+from tests.conftest import Emulator, approved_ids, wait_until
 from tests.reliability.agents import AgentProcess
-
-
-@pytest.fixture
-def live(start_emulator: Callable[..., Emulator]) -> Emulator:
-    return start_emulator(real_time=True)
-
-
-def approved(emulator: Emulator) -> list[str]:
-    return [
-        request["EventId"]
-        for approval in emulator.control("GET", "approvals").json()
-        for request in approval["body"]["StartRequests"]
-    ]
 
 
 def log_entries(path: Path) -> list[dict[str, Any]]:
@@ -44,7 +31,7 @@ def test_a_corrupted_state_file_is_reported_kept_and_worked_around(
     agent = AgentProcess(tmp_path, live.url)
     try:
         event = live.add_event(type="Reboot")
-        wait_until(lambda: approved(live) == [event["EventId"]], timeout=30)
+        wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=30)
         assert agent.alive()
     finally:
         assert agent.stop() == 0
@@ -62,7 +49,7 @@ def test_a_full_disk_keeps_what_was_written_and_the_agent_going(
     agent = start_agent(tmp_path, live.url)
     try:
         first = live.add_event(type="Reboot")
-        wait_until(lambda: approved(live) == [first["EventId"]])
+        wait_until(lambda: approved_ids(live) == [first["EventId"]])
         wait_until(
             lambda: (r := agent.store.get(first["EventId"])) is not None and r.state == "approved"
         )
@@ -72,7 +59,7 @@ def test_a_full_disk_keeps_what_was_written_and_the_agent_going(
             pages = agent.store._db.execute("PRAGMA page_count").fetchone()[0]
             agent.store._db.execute(f"PRAGMA max_page_count = {pages}")
         second = live.add_event(type="Freeze", description="x" * 20_000)
-        wait_until(lambda: approved(live) == [first["EventId"], second["EventId"]])
+        wait_until(lambda: approved_ids(live) == [first["EventId"], second["EventId"]])
         assert agent.store.degraded is not None and "full" in agent.store.degraded
         assert agent.thread is not None and agent.thread.is_alive()
     finally:
@@ -97,7 +84,7 @@ def test_a_read_only_state_directory_keeps_history_and_the_agent_going(
     first_run = AgentProcess(tmp_path, live.url, state={"path": str(state_dir / "state.db")})
     try:
         first = live.add_event(type="Reboot")
-        wait_until(lambda: approved(live) == [first["EventId"]], timeout=30)
+        wait_until(lambda: approved_ids(live) == [first["EventId"]], timeout=30)
     finally:
         assert first_run.stop() == 0
     before = (state_dir / "state.db").read_bytes()
@@ -111,7 +98,7 @@ def test_a_read_only_state_directory_keeps_history_and_the_agent_going(
     )
     try:
         second = live.add_event(type="Freeze")
-        wait_until(lambda: approved(live) == [first["EventId"], second["EventId"]], timeout=30)
+        wait_until(lambda: approved_ids(live) == [first["EventId"], second["EventId"]], timeout=30)
         assert second_run.alive()
     finally:
         assert second_run.stop() == 0
