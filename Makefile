@@ -1,14 +1,16 @@
-# Everything a newcomer or CI types. `make test` needs only python3 and make.
+# Everything a newcomer or CI types. `make test` needs python3, make, Node.js and npm.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The interpreters `make test-all` checks, by pyenv version prefix.
 PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
+# Azurite (Microsoft's Azure Storage emulator) for the fleet tests, from tools/package-lock.json.
+AZURITE := tools/node_modules/.bin/azurite-blob
 
-.PHONY: help venv lint test test-all reliability bench emulator demo install uninstall clean
+.PHONY: help venv azurite lint test test-all reliability bench emulator demo install uninstall clean
 
 help:
-	@echo "make test      lint, type-check and run the tests in $(VENV)"
+	@echo "make test      lint, type-check and run the tests in $(VENV) (installs Azurite with npm)"
 	@echo "make test-all  run the tests on every Python in PYTHONS ($(PYTHONS)) found by pyenv"
 	@echo "make reliability  the fault suite (tests/reliability): crashes, IMDS faults, hostile input"
 	@echo "make bench     benchmarks against the emulator; writes bench/results.json"
@@ -26,12 +28,19 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# Needs Node.js and npm (.ci/run installs them when missing).
+$(AZURITE): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --loglevel=error
+	touch $@
+
+azurite: $(AZURITE)
+
 lint: venv
 	$(BIN)/ruff check agent tests demo bench
 	$(BIN)/ruff format --check agent tests demo bench
 	$(BIN)/mypy --strict agent
 
-test: lint
+test: lint azurite
 	$(BIN)/pytest
 
 reliability: venv
@@ -41,7 +50,7 @@ bench: venv
 	$(BIN)/python bench/bench.py
 
 # Tests only (linters are pinned to the default interpreter), in one venv per version.
-test-all:
+test-all: azurite
 	@set -e; for version in $(PYTHONS); do \
 	  interpreter=$$(ls -d $$HOME/.pyenv/versions/$$version*/bin/python3 2>/dev/null | head -n1); \
 	  if [ -z "$$interpreter" ]; then echo "== Python $$version: not installed, skipped"; continue; fi; \

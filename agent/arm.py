@@ -13,15 +13,13 @@ Invariants:
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
-from agent.imds import ImdsClient
+from agent.imds import ImdsClient, TokenCache
 
 ARM_RESOURCE = "https://management.azure.com/"
 ARM_API_VERSION = "2025-04-01"
@@ -80,14 +78,11 @@ class ArmClient:
         timeout_seconds: float = 30.0,
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        self._imds = imds
         self._api_version = api_version
         self._timeout = timeout_seconds
         self._session = requests.Session()
         self._session.headers["User-Agent"] = "scheduled-events-agent"
-        self._token: str | None = None
-        self._token_expires = 0.0
-        self._lock = threading.Lock()
+        self._token = TokenCache(imds, ARM_RESOURCE)
 
     def close(self) -> None:
         self._session.close()
@@ -146,28 +141,20 @@ class ArmClient:
         if response.status_code in (200, 201, 202):
             return response
         if response.status_code == 401:
-            with self._lock:
-                self._token = None  # a revoked or expired token: fetch a new one next time
+            self._token.forget()  # a revoked or expired token: fetch a new one next time
         raise _error_for(response, method, url)
 
     def _bearer(self) -> str:
-        with self._lock:
-            if self._token is not None and time.time() < self._token_expires - 300:
-                return self._token
-            try:
-                token = self._imds.fetch_token(ARM_RESOURCE)
-            except ImdsRequestRejected as error:
-                raise ArmError(
-                    "arm: this VM has no managed identity to read its maintenance windows with "
-                    f"({error}); assign one: az vm identity assign -g GROUP -n VM",
-                    cause="no_identity",
-                ) from None
-            except ImdsError as error:
-                raise ArmError(f"arm: no token from IMDS: {error}", cause="no_token") from None
-            self._token = token["access_token"]
-            expires = token.get("expires_on", "")
-            self._token_expires = float(expires) if expires.isdigit() else time.time() + 3000
-            return self._token
+        try:
+            return self._token.get()
+        except ImdsRequestRejected as error:
+            raise ArmError(
+                "arm: this VM has no managed identity to read its maintenance windows with "
+                f"({error}); assign one: az vm identity assign -g GROUP -n VM",
+                cause="no_identity",
+            ) from None
+        except ImdsError as error:
+            raise ArmError(f"arm: no token from IMDS: {error}", cause="no_token") from None
 
 
 def _error_for(response: requests.Response, method: str, url: str) -> ArmError:

@@ -14,10 +14,17 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, logs
 from agent import config as config_module
 from agent.errors import AgentError, ConfigError, ImdsError
+
+if TYPE_CHECKING:  # the commands import what they use when they run
+    from agent.fleet import FleetGate
+    from agent.imds import ImdsClient, InstanceMetadata
+    from agent.metrics import Metrics
+    from agent.state import Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -155,26 +162,20 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     stop = threading.Event()
     _install_stop_signals(stop)
     imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
-    vm_name = config.vm_name
-    instance = None
+    vm_name, instance = _identify(config, imds, log)
     maintenance = config.maintenance.check_interval_seconds > 0
-    if vm_name is None:
-        # The first call may wake a cold IMDS, which takes up to two minutes.
-        instance = imds.fetch_instance_metadata(budget_seconds=150)
-        vm_name = instance.name
-        log.info("agent.vm_name", vm_name=vm_name, source="instance metadata")
-    elif maintenance:
-        try:
-            instance = imds.fetch_instance_metadata(budget_seconds=10)
-        except ImdsError as error:
-            # Scheduled Events matter more than the windows: go on without them.
-            log.error(
-                "maintenance.disabled",
-                reason=f"no instance metadata, so no resourceId to read the windows of: {error}",
-            )
     arm = ArmClient(config.arm.url, imds) if maintenance and instance is not None else None
     # A dry run keeps its memory to itself: a later real run must not think work was done.
     store = Store(":memory:" if arguments.dry_run else config.state.path)
+    metrics = Metrics(registry)
+    # A dry run takes no slot: it would keep other VMs waiting for nothing.
+    fleet = (
+        None
+        if arguments.dry_run
+        else _fleet_gate(
+            config, vm_name=vm_name, imds=imds, store=store, metrics=metrics, stop=stop
+        )
+    )
     failpoints = os.environ.get("SCHEDULED_EVENTS_AGENT_FAILPOINTS", "")
     parts = assemble(
         config,
@@ -186,10 +187,11 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         dry_run=arguments.dry_run,
         check_ownership=os.geteuid() == 0,
         failpoints=frozenset(name for name in failpoints.split(",") if name),
-        metrics=Metrics(registry),
+        metrics=metrics,
         notifier=Notifier(),
         arm=arm,
         instance=instance,
+        fleet=fleet,
     )
     daemon = Daemon(parts)
     server = None
@@ -213,6 +215,58 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         imds.close()
         if arm is not None:
             arm.close()
+        if fleet is not None:
+            fleet.close()
+
+
+def _identify(
+    config: config_module.Config, imds: ImdsClient, log: Any
+) -> tuple[str, InstanceMetadata | None]:
+    """This VM's name (configured, else from instance metadata) and, when the maintenance
+    windows are read, its instance metadata."""
+    vm_name = config.vm_name
+    instance = None
+    if vm_name is None:
+        # The first call may wake a cold IMDS, which takes up to two minutes.
+        instance = imds.fetch_instance_metadata(budget_seconds=150)
+        log.info("agent.vm_name", vm_name=instance.name, source="instance metadata")
+        return instance.name, instance
+    if config.maintenance.check_interval_seconds > 0:
+        try:
+            instance = imds.fetch_instance_metadata(budget_seconds=10)
+        except ImdsError as error:
+            # Scheduled Events matter more than the windows: go on without them.
+            log.error(
+                "maintenance.disabled",
+                reason=f"no instance metadata, so no resourceId to read the windows of: {error}",
+            )
+    return vm_name, instance
+
+
+def _fleet_gate(
+    config: config_module.Config,
+    *,
+    vm_name: str,
+    imds: ImdsClient,
+    store: Store,
+    metrics: Metrics,
+    stop: threading.Event,
+) -> FleetGate | None:
+    from agent.clock import SystemClock
+    from agent.fleet import FleetGate, build_backend
+
+    if config.fleet.url is None:
+        return None
+    backend = build_backend(config.fleet, config.fleet.id or vm_name, imds, os.environ)
+    return FleetGate(
+        backend,
+        config=config.fleet,
+        store=store,
+        metrics=metrics,
+        clock=SystemClock(stop),
+        stop=stop,
+        log=logs.get_logger("agent"),
+    )
 
 
 def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
@@ -223,6 +277,8 @@ def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
     try:
         if arguments.command == "status":
             status = report.status(store)
+            if config.fleet.url is not None:
+                status["fleet"] = {**(status["fleet"] or {}), **_fleet_holders(config)}
             print(json.dumps(status, indent=2) if arguments.json else report.status_text(status))
         else:
             if arguments.limit < 1:
@@ -233,6 +289,35 @@ def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _fleet_holders(config: config_module.Config) -> dict[str, object]:
+    """Who holds the group's slots, asked of the coordinator (blob: the slots' metadata)."""
+    from dataclasses import asdict
+
+    from agent.fleet import FleetError, build_backend
+    from agent.imds import ImdsClient, RetryPolicy
+
+    fleet = config.fleet
+    view: dict[str, object] = {"backend": fleet.backend, "group": fleet.group}
+    if fleet.backend == "blob":
+        view["slots"] = fleet.slots
+    imds = ImdsClient(config.imds.url, retry=RetryPolicy(budget_seconds=5))
+    try:
+        backend = build_backend(fleet, fleet.id or config.vm_name or "-", imds, os.environ)
+        try:
+            slots = backend.describe()
+        finally:
+            backend.close()
+        view["holders"] = None if slots is None else [asdict(slot) for slot in slots]
+        if slots is None:
+            view["holders_error"] = "a FleetLock server does not say who holds its slots"
+    except (FleetError, AgentError) as error:
+        view["holders"] = None
+        view["holders_error"] = str(error)
+    finally:
+        imds.close()
+    return view
 
 
 def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int:

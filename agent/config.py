@@ -10,10 +10,13 @@ Invariants (SPEC section 4):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -98,6 +101,19 @@ class MaintenanceConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    url: str | None = None  # None: no coordination; else the container (blob) or server URL
+    backend: str = "blob"
+    group: str = "default"
+    slots: int = 1
+    lease_seconds: int = 60
+    retry_seconds: float = 5.0
+    id: str | None = None  # this agent in the group; None: the VM's name
+    sas_token: str | None = None
+    account_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     imds: ImdsConfig = field(default_factory=ImdsConfig)
     vm_name: str | None = None
@@ -109,6 +125,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 # A message when the value is wrong, else None. (Optional: evaluated at run time on 3.9.)
@@ -180,6 +197,37 @@ def _non_negative(maximum: float) -> Check:
     return check
 
 
+def _integer(minimum: int, maximum: int) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected a whole number, got {value!r}"
+        if not minimum <= value <= maximum:
+            return f"expected {minimum} to {maximum}, got {value!r}"
+        return None
+
+    return check
+
+
+def _optional_url(value: Any) -> str | None:
+    return None if value is None else _url(value)
+
+
+def _group(value: Any) -> str | None:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        return f"expected letters, digits, '.', '_' or '-' (at most 63), got {value!r}"
+    return None
+
+
+def _account_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        base64.b64decode(str(value), validate=True)
+    except ValueError:
+        return "expected the base64 account key (az storage account keys list)"
+    return _text(value)
+
+
 def _self_service(value: Any) -> str | None:
     if not isinstance(value, dict):
         return f"expected a mapping, got {value!r}"
@@ -243,6 +291,21 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
         MaintenanceConfig,
         {"check_interval_seconds": _non_negative(7 * 24 * 3600), "self_service": _self_service},
     ),
+    "fleet": (
+        FleetConfig,
+        {
+            "url": _optional_url,
+            "backend": _one_of("blob", "fleetlock"),
+            "group": _group,
+            "slots": _integer(1, 1000),
+            # Azure's limits for a lease that expires: 15 to 60 seconds.
+            "lease_seconds": _integer(15, 60),
+            "retry_seconds": _positive(300),
+            "id": _optional_text,
+            "sas_token": _optional_text,
+            "account_key": _account_key,
+        },
+    ),
     "logging": (
         LoggingConfig,
         {
@@ -275,9 +338,41 @@ def parse(data: Any, source: str = "<config>") -> Config:
         built = _section(key, value, problems)
         if built is not None:
             sections[key] = built
+    fleet = sections.get("fleet")
+    if isinstance(fleet, FleetConfig):
+        problems.extend(_fleet_problems(fleet))
     if problems:
         raise ConfigError(source, problems)
     return Config(**sections)
+
+
+def account_name(container_url: str) -> str:
+    """The storage account of a container URL: ``https://ACCOUNT.blob.core.windows.net/c``, or
+    the first path segment for the path-style URLs of emulators (``http://127.0.0.1:10000/ACCOUNT/c``)."""
+    parts = urlsplit(container_url)
+    host = parts.hostname or ""
+    if ".blob." in host:
+        return host.split(".", 1)[0]
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if len(segments) < 2:
+        raise ValueError(
+            f"cannot tell the storage account from {container_url!r}: expected "
+            "https://ACCOUNT.blob.core.windows.net/CONTAINER or http://HOST:PORT/ACCOUNT/CONTAINER"
+        )
+    return segments[0]
+
+
+def _fleet_problems(fleet: FleetConfig) -> list[str]:
+    """What no single key shows: the keys of the fleet section that do not go together."""
+    problems = []
+    if fleet.sas_token is not None and fleet.account_key is not None:
+        problems.append("fleet: give sas_token or account_key, not both")
+    if fleet.url is not None and fleet.backend == "blob":
+        try:
+            account_name(fleet.url)
+        except ValueError as error:
+            problems.append(f"fleet.url: {error}")
+    return problems
 
 
 def _section(name: str, value: Any, problems: list[str]) -> Any:

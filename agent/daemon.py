@@ -36,6 +36,7 @@ from agent.errors import (
     OperationCancelled,
 )
 from agent.events import ScheduledEvent, ScheduledEventsDocument
+from agent.fleet import FleetGate
 from agent.hooks import INTERRUPTED, HookContext, HookRunner, deadline_for, discover
 from agent.imds import ImdsClient, InstanceMetadata
 from agent.lifecycle import (
@@ -77,6 +78,7 @@ class Collaborators:
     notifier: Notifier | None = None
     arm: ArmClient | None = None
     instance: InstanceMetadata | None = None
+    fleet: FleetGate | None = None
 
 
 def assemble(
@@ -94,6 +96,7 @@ def assemble(
     notifier: Notifier | None = None,
     arm: ArmClient | None = None,
     instance: InstanceMetadata | None = None,
+    fleet: FleetGate | None = None,
 ) -> Collaborators:
     """The daemon's parts for ``config``: the real clock and a hook runner set from it."""
     clock = SystemClock(stop)
@@ -120,6 +123,7 @@ def assemble(
         notifier=notifier,
         arm=arm,
         instance=instance,
+        fleet=fleet,
     )
 
 
@@ -146,6 +150,8 @@ class Daemon:
         self._ready = False
         self._degraded_reported = False
         self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
+        self._fleet = parts.fleet
+        self._once = False
         self.self_service: SelfService | None = None
         if parts.arm is not None and parts.instance is not None:
             self.self_service = SelfService(
@@ -158,6 +164,7 @@ class Daemon:
                 stop=parts.stop,
                 log=self._log,
                 dry_run=parts.dry_run,
+                fleet=parts.fleet,
                 run_prepare=lambda event: self._run_phase("prepare", event),
                 recover=lambda key: self._ensure_worker(key, gone=True),
             )
@@ -174,6 +181,9 @@ class Daemon:
         )
         interval = self._config.imds.poll_interval_seconds
         watcher = None
+        if self._fleet is not None:
+            self._resume_fleet()
+            threading.Thread(target=self._fleet.run, name="fleet", daemon=True).start()
         if self.self_service is not None:
             # Before the watcher may take a new one: wind up one a restart cut short.
             self.self_service.resume()
@@ -230,6 +240,9 @@ class Daemon:
 
     def run_once(self) -> int:
         """One poll, handled fully: every worker it starts runs to its end."""
+        self._once = True  # no waiting for a fleet slot: the next run tries again
+        if self._fleet is not None:
+            self._resume_fleet()
         if self.self_service is not None:
             self.self_service.resume()
         ok = self.poll(budget_seconds=10.0)
@@ -274,6 +287,17 @@ class Daemon:
         self._heartbeat(document)
         self._report_degraded_state()
         return True
+
+    def _resume_fleet(self) -> None:
+        """Keep the slot for events approved before a restart that are not over yet (and
+        self-service maintenances not wound up); else give back what we may still hold."""
+        assert self._fleet is not None
+        needed = {
+            record.key: record.event_id
+            for record in self._store.events(states=ACTIVE)
+            if is_self_service(record.key) or self._store.approval_may_have_landed(record.key)
+        }
+        self._fleet.resume(needed)
 
     def _report_degraded_state(self) -> None:
         """Say loudly, once, that the state store lost its file and works in memory."""
@@ -430,6 +454,7 @@ class Daemon:
         if record.state == PREPARING:
             if gone and not self._store.hook_runs(key, "prepare"):
                 self._store.move(key, "gone_before_hooks", now)
+                self._release_slot(key)
                 self._log.info(
                     "event.done", event_id=record.event_id, reason="left before any hook ran"
                 )
@@ -456,6 +481,7 @@ class Daemon:
                 "event.recovered" if succeeded else "event.recover_failed",
                 event_id=record.event_id,
             )
+            self._release_slot(key)
             return False
         return False
 
@@ -510,6 +536,12 @@ class Daemon:
         if self._parts.dry_run:
             self._log.info("event.would_approve", event_id=event.event_id)
             return self._abandon(key, "dry run", "skipped", "dry_run")
+        if self._fleet is not None and not self._fleet.hold(key, event.event_id):
+            if self._once:
+                return False  # left approving: the next run asks for a slot again
+            # No slot (or no answer from the coordinator): no early approval now; ask again.
+            self._clock.wait(min(self._fleet.retry_seconds, budget))
+            return True
         approval_id = self._store.approval_started(key, "agent", now)
         try:
             self._parts.imds.approve([event.event_id], budget_seconds=budget)
@@ -534,9 +566,19 @@ class Daemon:
 
     def _abandon(self, key: str, reason: str, outcome: str, code: str) -> bool:
         """No approval for this event after all: record why, and count it."""
+        if self._fleet is not None and self._fleet.waiting(key):
+            missed = code in ("not_before_passed", "started")
+            self._fleet.stop_waiting(key, missed=missed)
+            if missed:
+                reason, code = f"no fleet slot before the event began ({reason})", "no_fleet_slot"
         self._store.move(key, "approval_abandoned", self._clock.now(), decision=reason)
         self._metrics.approval(outcome, code)
         return True
+
+    def _release_slot(self, key: str) -> None:
+        """The event is over and recovered: its hold on the fleet slot ends."""
+        if self._fleet is not None:
+            self._fleet.release(key)
 
     def _run_phase(self, phase: str, stored: ScheduledEvent) -> bool | None:
         """Run a phase's hooks in order, skipping those that already succeeded for this event.

@@ -426,3 +426,31 @@ def _reason(error: Exception) -> str:
 def _snippet(body: bytes) -> str:
     text = body[:200].decode("utf-8", "replace").strip()
     return repr(text) if text else "(empty body)"
+
+
+class TokenCache:
+    """A managed-identity token for one resource, fetched from IMDS when needed and kept until
+    five minutes before it expires. Thread-safe; ``forget`` drops a token a service refused."""
+
+    def __init__(self, imds: ImdsClient, resource: str, *, budget_seconds: float | None = None):
+        self._imds = imds
+        self._resource = resource
+        self._budget = budget_seconds
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> str:
+        """The token; raises ImdsError (ImdsRequestRejected when the VM has no identity)."""
+        with self._lock:
+            if self._token is not None and time.time() < self._expires - 300:
+                return self._token
+            token = self._imds.fetch_token(self._resource, budget_seconds=self._budget)
+            self._token = token["access_token"]
+            expires = token.get("expires_on", "")
+            self._expires = float(expires) if expires.isdigit() else time.time() + 3000
+            return self._token
+
+    def forget(self) -> None:
+        with self._lock:
+            self._token = None

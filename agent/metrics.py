@@ -36,9 +36,13 @@ APPROVAL_REASONS = {
         "already_sent",
         "event_left",
         "dry_run",
+        "no_fleet_slot",
     ),
 }
 POLL_OUTCOMES = ("changed", "unchanged", "failed")
+FLEET_BACKENDS = ("blob", "fleetlock")
+# Why a call to the fleet's coordinator failed: fixed words (see agent/fleet.py).
+FLEET_ERRORS = ("unreachable", "auth", "refused", "server", "bad_answer", "no_token", "lost")
 
 
 def type_label(event_type: str) -> str:
@@ -172,6 +176,28 @@ class Metrics:
             ["type"],
             registry=registry,
         )
+        self.fleet_slot_held = Gauge(
+            f"{PREFIX}_fleet_slot_held",
+            "1 while this agent holds one of its group's maintenance slots (fleet).",
+            registry=registry,
+        )
+        self.fleet_slot_wait = Histogram(
+            f"{PREFIX}_fleet_slot_wait_seconds",
+            "How long an event waited for a fleet slot, whether it got one or not.",
+            buckets=(0, 1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200),
+            registry=registry,
+        )
+        self.fleet_slot_missed = Counter(
+            f"{PREFIX}_fleet_slot_missed_total",
+            "Events that waited for a fleet slot until NotBefore (or their start) without one.",
+            registry=registry,
+        )
+        self.fleet_errors = Counter(
+            f"{PREFIX}_fleet_errors_total",
+            "Failed calls to the fleet's coordinator, by backend and reason.",
+            ["backend", "reason"],
+            registry=registry,
+        )
         # Every bounded label set exists from the start, so that rates and alerts see zeros.
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome=outcome)
@@ -188,6 +214,9 @@ class Metrics:
             self.hook_duration.labels(phase=phase)
             for hook_outcome in HOOK_OUTCOMES:
                 self.hook_runs.labels(phase=phase, outcome=hook_outcome)
+        for backend in FLEET_BACKENDS:
+            for fleet_error in FLEET_ERRORS:
+                self.fleet_errors.labels(backend=backend, reason=fleet_error)
         for approval_outcome, reasons in APPROVAL_REASONS.items():
             for reason in reasons:
                 self.approvals.labels(outcome=approval_outcome, reason=reason)

@@ -74,6 +74,7 @@ def status(store: Store) -> dict[str, Any]:
         "maintenance": json.loads(maintenance) if maintenance else None,
         "maintenance_checked_at": meta.get("maintenance_checked_at"),
         "self_service_maintenances": self_service,
+        "fleet": json.loads(meta["fleet"]) if "fleet" in meta else None,
     }
 
 
@@ -107,11 +108,39 @@ def status_text(report: dict[str, Any]) -> str:
         lines.append(
             f"self-service maintenance {taken['event_id']}: {taken['decision'] or taken['state']}"
         )
+    lines.extend(_fleet_lines(report.get("fleet")))
     if not report["events"]:
         lines.append("no events pending")
     for event in report["events"]:
         lines.extend(_event_lines(event))
     return "\n".join(lines)
+
+
+def _fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
+    if fleet is None:
+        return []
+    count = f", {fleet['slots']} slot(s)" if fleet.get("slots") else ""
+    lines = [f"fleet: group {fleet['group']} ({fleet['backend']}{count})"]
+    if fleet.get("recorded_at") is not None:
+        holding = (
+            f"holds {fleet['slot']} since {fleet['since']} for {', '.join(fleet['events'])}"
+            if fleet.get("slot")
+            else "holds no slot"
+        )
+        waiting = f"; waiting for a slot: {', '.join(fleet['waiting'])}" if fleet["waiting"] else ""
+        lines.append(f"  this agent {holding}{waiting} (recorded {fleet['recorded_at']})")
+        if fleet.get("problem"):
+            lines.append(f"  coordinator failing: {fleet['problem']}")
+    for slot in fleet.get("holders") or []:
+        lines.append(
+            f"  {slot['name']}: held by {slot['holder'] or '?'} for {slot['event_id'] or '?'} "
+            f"since {slot['since'] or '?'}"
+            if slot["held"]
+            else f"  {slot['name']}: free"
+        )
+    if fleet.get("holders_error"):
+        lines.append(f"  holders: unknown ({fleet['holders_error']})")
+    return lines
 
 
 def history_text(events: list[dict[str, Any]]) -> str:

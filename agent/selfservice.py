@@ -28,6 +28,7 @@ from agent.arm import ArmClient, ArmError, MaintenanceStatus
 from agent.clock import Clock
 from agent.config import Config
 from agent.events import ScheduledEvent
+from agent.fleet import FleetGate
 from agent.imds import InstanceMetadata
 from agent.lifecycle import PREPARING, RECOVERING, WAITING
 from agent.maintenance import Slot, decide, parse_iso, window_key
@@ -56,6 +57,7 @@ class SelfService:
         stop: threading.Event,
         log: Any,
         dry_run: bool,
+        fleet: FleetGate | None = None,
         run_prepare: Callable[[ScheduledEvent], bool | None],
         recover: Callable[[str], None],
     ) -> None:
@@ -68,6 +70,7 @@ class SelfService:
         self._stop = stop
         self._log = log
         self._dry_run = dry_run
+        self._fleet = fleet
         self._run_prepare = run_prepare
         self._recover = recover
         settings = self._config.self_service
@@ -124,7 +127,12 @@ class SelfService:
             )
             key = window_key(self._instance.vm_id, status)
             if verdict.go and self._store.get(key) is None:
+                if self._fleet is not None and not self._fleet.hold(key, key):
+                    # Not without a slot of the group: ask again soon (the gate logs why).
+                    return min(interval, self._fleet.retry_seconds)
                 self.take(key, status, verdict.reason)
+            elif self._fleet is not None and self._fleet.waiting(key):
+                self._fleet.stop_waiting(key, missed=False)  # the slot closed, or it was taken
         return interval
 
     def take(self, key: str, status: MaintenanceStatus, reason: str) -> None:

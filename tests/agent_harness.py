@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
+from agent.clock import SystemClock
 from agent.config import Config, parse
 from agent.daemon import Daemon, assemble
+from agent.fleet import FleetGate, build_backend
 from agent.imds import ImdsClient, RetryPolicy
+from agent.metrics import Metrics
 from agent.state import Store
 
 RECORDING_HOOK = """#!/bin/sh
@@ -89,6 +93,7 @@ class RunningAgent:
     stop: threading.Event
     thread: threading.Thread | None
     imds: ImdsClient
+    metrics: Metrics | None = None
 
     def close(self) -> None:
         self.stop.set()
@@ -103,6 +108,7 @@ def build_agent(
     directory: Path, imds_url: str, *, dry_run: bool = False, **sections: Any
 ) -> RunningAgent:
     config: Config = parse(config_for(directory, imds_url, **sections))
+    metrics = Metrics(CollectorRegistry())
     stop = threading.Event()
     log = structlog.get_logger("agent")
     imds = ImdsClient(
@@ -112,16 +118,31 @@ def build_agent(
         logger=log,
     )
     store = Store(":memory:" if dry_run else config.state.path)
+    vm_name = config.vm_name or "web_4"
+    fleet = None
+    if config.fleet.url is not None:
+        backend = build_backend(config.fleet, config.fleet.id or vm_name, imds, {})
+        fleet = FleetGate(
+            backend,
+            config=config.fleet,
+            store=store,
+            metrics=metrics,
+            clock=SystemClock(stop),
+            stop=stop,
+            log=log,
+        )
     parts = assemble(
         config,
         imds=imds,
         store=store,
         stop=stop,
         log=log,
-        vm_name=config.vm_name or "web_4",
+        vm_name=vm_name,
         dry_run=dry_run,
+        metrics=metrics,
+        fleet=fleet,
     )
-    return RunningAgent(Daemon(parts), store, stop, None, imds)
+    return RunningAgent(Daemon(parts), store, stop, None, imds, metrics)
 
 
 def start_agent(directory: Path, imds_url: str, **options: Any) -> RunningAgent:

@@ -1,0 +1,227 @@
+"""Fleet coordination end to end: real agent processes, one IMDS emulator that schedules an event
+for every VM at once, and Azurite (Microsoft's Azure Storage emulator) holding the group's slots.
+
+What must hold: with one slot, no two VMs are ever between their approval and the end of their
+recover hooks together, and every VM gets its turn; a holder killed with SIGKILL frees its slot
+within the lease; with storage gone, nothing is approved early, nothing crashes, and approvals
+resume when storage returns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from agent.state import Store
+from tests.agent_harness import calls
+from tests.conftest import Emulator, wait_until
+from tests.fleet_harness import Azurite, approval_times, fleet_section, free_port
+from tests.reliability.agents import AgentProcess, stored_state
+
+LEASE_SECONDS = 15  # Azure's shortest lease
+
+
+@pytest.fixture
+def azurite(tmp_path: Path) -> Iterator[Azurite]:
+    server = Azurite(tmp_path / "azurite").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[dict[str, AgentProcess]]:
+    started: dict[str, AgentProcess] = {}
+    yield started
+    for agent in started.values():
+        if agent.alive():
+            agent.stop()
+
+
+def start_agent(
+    agents: dict[str, AgentProcess], root: Path, emulator: Emulator, name: str, **sections: Any
+) -> AgentProcess:
+    directory = root / name
+    directory.mkdir()
+    agents[name] = AgentProcess(
+        directory,
+        emulator.url,
+        vm_name=name,
+        maintenance={"check_interval_seconds": 0},
+        **sections,
+    )
+    return agents[name]
+
+
+@dataclass(frozen=True)
+class Turn:
+    vm: str
+    prepared_at: datetime  # its prepare hooks ended: from here on it only waited for a slot
+    approved_at: datetime
+    recovered_at: datetime
+
+    @property
+    def waited(self) -> float:
+        return (self.approved_at - self.prepared_at).total_seconds()
+
+
+def turn_of(directory: Path, vm: str, event_id: str) -> Turn:
+    store = Store(directory / "state.db", read_only=True)
+    try:
+        (approval,) = store.approvals(event_id)
+        (prepare,) = store.hook_runs(event_id, "prepare")
+        (recover,) = store.hook_runs(event_id, "recover")
+    finally:
+        store.close()
+    assert approval.outcome == "succeeded" and recover.ended_at and prepare.ended_at
+    return Turn(
+        vm,
+        datetime.fromisoformat(prepare.ended_at),
+        datetime.fromisoformat(approval.started_at),
+        datetime.fromisoformat(recover.ended_at),
+    )
+
+
+def test_three_agents_sharing_one_slot_take_turns(
+    tmp_path: Path, live: Emulator, azurite: Azurite, agents: dict[str, AgentProcess]
+) -> None:
+    url = azurite.create_container()
+    names = ["vm_0", "vm_1", "vm_2"]
+    for name in names:
+        start_agent(agents, tmp_path, live, name, fleet=fleet_section(url))
+    events = {
+        name: live.add_event(
+            type="Reboot", resources=[name], not_before_in_seconds=900, started_for_seconds=1
+        )["EventId"]
+        for name in names
+    }
+
+    def all_done() -> bool:
+        return all(stored_state(tmp_path / n, events[n]) == "done" for n in names)
+
+    wait_until(all_done, timeout=120, interval=0.2)
+
+    turns = sorted(
+        (turn_of(tmp_path / name, name, events[name]) for name in names),
+        key=lambda turn: turn.approved_at,
+    )
+    # Never two outstanding: each VM approves only after the previous one recovered.
+    for earlier, later in zip(turns, turns[1:]):
+        assert later.approved_at > earlier.recovered_at, (earlier, later)
+    # Every VM approved once, by its own agent, long before NotBefore.
+    approved = [event_id for _, event_id in approval_times(live.url)]
+    assert sorted(approved) == sorted(events.values())
+    for name in names:
+        assert calls(tmp_path / name).count(f"end recover Reboot {events[name]}") == 1
+    longest = max(turns, key=lambda turn: turn.waited)
+    print(
+        "\nfleet run, 3 agents, 1 slot: approvals in order "
+        + ", ".join(f"{t.vm} at {t.approved_at.time().isoformat('milliseconds')}" for t in turns)
+        + f"; longest wait {longest.waited:.1f} s ({longest.vm})"
+    )
+    # Every slot was given back, and status says so, for the group and for this agent.
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--json", "--config", str(agents["vm_1"].config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fleet = json.loads(shown.stdout)["fleet"]
+    assert fleet["group"] == "web" and fleet["slots"] == 1
+    assert fleet["slot"] is None and fleet["events"] == []
+    assert fleet["holders"] == [
+        {"name": "web/slot-0", "held": False, "holder": None, "event_id": None, "since": None}
+    ]
+
+
+def test_a_killed_holder_frees_its_slot_within_the_lease(
+    tmp_path: Path, live: Emulator, azurite: Azurite, agents: dict[str, AgentProcess]
+) -> None:
+    url = azurite.create_container()
+    names = ["vm_0", "vm_1"]
+    for name in names:
+        start_agent(
+            agents, tmp_path, live, name, fleet=fleet_section(url, lease_seconds=LEASE_SECONDS)
+        )
+    # The events stay Started until completed: the first holder keeps its slot meanwhile.
+    events = {
+        name: live.add_event(type="Reboot", resources=[name], not_before_in_seconds=900)["EventId"]
+        for name in names
+    }
+    wait_until(lambda: len(approval_times(live.url)) == 1, timeout=60, interval=0.1)
+    ((_, first_event),) = approval_times(live.url)
+    holder = next(name for name, event_id in events.items() if event_id == first_event)
+    other = next(name for name in names if name != holder)
+    wait_until(
+        lambda: "waiting_for_slot" in (tmp_path / other / "agent.log").read_text(), timeout=30
+    )
+    assert len(approval_times(live.url)) == 1  # the other one waits
+
+    agents[holder].kill()
+    killed = datetime.now().astimezone()
+
+    wait_until(lambda: len(approval_times(live.url)) == 2, timeout=LEASE_SECONDS + 15)
+    (_, _), (second_time, second_event) = approval_times(live.url)
+    assert second_event == events[other]
+    freed_after = (
+        datetime.fromisoformat(second_time.replace("Z", "+00:00")) - killed
+    ).total_seconds()
+    assert 0 < freed_after <= LEASE_SECONDS + 3
+
+
+def metric(port: int, name: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_with_storage_gone_nothing_is_approved_early_until_it_returns(
+    tmp_path: Path, live: Emulator, azurite: Azurite, agents: dict[str, AgentProcess]
+) -> None:
+    url = azurite.create_container()
+    azurite.stop()
+    port = free_port()
+    agent = start_agent(
+        agents,
+        tmp_path,
+        live,
+        "vm_0",
+        fleet=fleet_section(url),
+        metrics={"listen": f"127.0.0.1:{port}"},
+    )
+    event_id = live.add_event(type="Reboot", resources=["vm_0"], not_before_in_seconds=900)[
+        "EventId"
+    ]
+    errors = 'scheduled_events_agent_fleet_errors_total{backend="blob",reason="unreachable"}'
+
+    def tried(times: int) -> bool:
+        try:
+            return metric(port, errors) >= times
+        except requests.RequestException:
+            return False
+
+    # Prepare hooks run at once; then it asks for a slot again and again, and never approves.
+    wait_until(lambda: f"end prepare Reboot {event_id}" in calls(tmp_path / "vm_0"), timeout=30)
+    wait_until(lambda: tried(5), timeout=30, interval=0.2)
+    assert approval_times(live.url) == []
+    assert agent.alive()
+    log = (tmp_path / "vm_0" / "agent.log").read_text()
+    assert log.count('"fleet.unavailable"') == 1  # once per change, not once per attempt
+    assert metric(port, "scheduled_events_agent_fleet_slot_held ") == 0
+
+    azurite.start()
+    wait_until(lambda: len(approval_times(live.url)) == 1, timeout=30, interval=0.2)
+    assert approval_times(live.url)[0][1] == event_id
+    assert '"fleet.available"' in (tmp_path / "vm_0" / "agent.log").read_text()
+    assert agent.alive()
