@@ -94,6 +94,7 @@ class RunningAgent:
     thread: threading.Thread | None
     imds: ImdsClient
     metrics: Metrics | None = None
+    fleet: FleetGate | None = None
 
     def close(self) -> None:
         self.stop.set()
@@ -102,6 +103,8 @@ class RunningAgent:
             assert not self.thread.is_alive(), "the daemon did not stop"
         self.store.close()
         self.imds.close()
+        if self.fleet is not None:
+            self.fleet.close()
 
 
 def build_agent(
@@ -142,7 +145,7 @@ def build_agent(
         metrics=metrics,
         fleet=fleet,
     )
-    return RunningAgent(Daemon(parts), store, stop, None, imds, metrics)
+    return RunningAgent(Daemon(parts), store, stop, None, imds, metrics, fleet)
 
 
 def start_agent(directory: Path, imds_url: str, **options: Any) -> RunningAgent:

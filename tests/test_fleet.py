@@ -339,6 +339,29 @@ def test_a_failing_fleetlock_server_means_no_early_approval_until_it_recovers(
     assert fleetlock.held("web") == ["vm_0"]
 
 
+def test_an_event_that_waits_for_a_slot_until_not_before_is_never_approved_and_counted(
+    live: Emulator, fleetlock: FleetLockServer, running: list[RunningAgent], tmp_path: Path
+) -> None:
+    fleetlock.holders["web"] = ["vm_9"]  # the group's one slot is taken for the whole notice
+    agent = fleetlock_agent(tmp_path, live, fleetlock, "vm_0")
+    running.append(agent)
+    event_id = live.add_event(
+        type="Freeze", resources=["vm_0"], not_before_in_seconds=3, started_for_seconds=1
+    )["EventId"]
+    wait_until(lambda: f"end recover Freeze {event_id}" in calls(tmp_path), timeout=30)
+    assert approved_ids(live) == []
+    assert agent.metrics is not None
+    registry = agent.metrics.registry
+    assert registry.get_sample_value("scheduled_events_agent_fleet_slot_missed_total") == 1
+    skipped = {"outcome": "skipped", "reason": "no_fleet_slot"}
+    assert registry.get_sample_value("scheduled_events_agent_approvals_total", skipped) == 1
+    waited = registry.get_sample_value("scheduled_events_agent_fleet_slot_wait_seconds_sum")
+    assert waited is not None and waited >= 2
+    record = agent.store.get(event_id)
+    assert record is not None and "no fleet slot before the event began" in str(record.decision)
+    assert fleetlock.held("web") == ["vm_9"]
+
+
 def test_at_start_a_fleetlock_slot_left_from_before_is_given_back(
     live: Emulator, fleetlock: FleetLockServer, running: list[RunningAgent], tmp_path: Path
 ) -> None:

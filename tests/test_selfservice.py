@@ -17,8 +17,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.arm import PERMISSION, ArmClient, ArmError, MaintenanceStatus
-from agent.config import parse
+from agent.clock import SystemClock
+from agent.config import FleetConfig, parse
 from agent.daemon import Daemon, assemble
+from agent.fleet import FleetGate, FleetLockSlots
 from agent.imds import ImdsClient, RetryPolicy
 from agent.maintenance import Slot, decide
 from agent.metrics import Metrics
@@ -26,7 +28,8 @@ from agent.report import status as status_report
 from agent.report import status_text
 from agent.state import Store
 from tests.agent_harness import calls, config_for
-from tests.conftest import Emulator, wait_until
+from tests.conftest import Emulator, approved_ids, wait_until
+from tests.fleet_harness import FleetLockServer
 
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
@@ -223,7 +226,14 @@ def test_arm_unreachable_says_so(emulator: Emulator) -> None:
 
 
 class Agent:
-    def __init__(self, directory: Path, url: str, dry_run: bool = False, **self_service: Any):
+    def __init__(
+        self,
+        directory: Path,
+        url: str,
+        dry_run: bool = False,
+        fleetlock: str | None = None,
+        **self_service: Any,
+    ):
         settings = {
             "enabled": True,
             "slots": [slot_around_now()],
@@ -240,6 +250,18 @@ class Agent:
         self.arm = ArmClient(url, self.imds)
         self.store = Store(":memory:" if dry_run else self.config.state.path)
         self.registry = CollectorRegistry()
+        metrics = Metrics(self.registry)
+        fleet = None
+        if fleetlock is not None:
+            fleet = FleetGate(
+                FleetLockSlots(fleetlock, "web", holder="web_4"),
+                config=FleetConfig(url=fleetlock, backend="fleetlock", retry_seconds=0.2),
+                store=self.store,
+                metrics=metrics,
+                clock=SystemClock(self.stop),
+                stop=self.stop,
+                log=structlog.get_logger(),
+            )
         self.daemon = Daemon(
             assemble(
                 self.config,
@@ -249,9 +271,10 @@ class Agent:
                 log=structlog.get_logger(),
                 vm_name="web_4",
                 dry_run=dry_run,
-                metrics=Metrics(self.registry),
+                metrics=metrics,
                 arm=self.arm,
                 instance=self.imds.fetch_instance_metadata(),
+                fleet=fleet,
             )
         )
         self.thread = threading.Thread(target=self.daemon.run)
@@ -320,6 +343,33 @@ def test_a_full_self_service_maintenance(
         {"window": "scheduled"},
     )
     assert start is not None and start > datetime.now(timezone.utc).timestamp()
+
+
+def test_with_fleet_coordination_it_waits_for_a_slot_and_holds_it_to_the_end(
+    live: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    server = FleetLockServer(slots=1).start()
+    server.holders["web"] = ["web_5"]  # another VM of the group is in maintenance
+    try:
+        live.control("POST", "arm", {"status": windows(), "operation_polls": 1})
+        agents.append(agent := Agent(tmp_path, live.url, fleetlock=server.url))
+        wait_until(
+            lambda: len([r for r in server.requests if r["path"] == "/v1/pre-reboot"]) >= 3,
+            timeout=30,
+        )
+        assert performed(live) == 0 and calls(tmp_path) == []  # not even its prepare hooks
+        server.holders["web"] = []  # web_5 is done
+        wait_until(lambda: performed(live) == 1, timeout=30)
+        assert server.held("web") == ["web_4"]
+        wait_until(
+            lambda: (r := self_service_record(agent)) is not None and r.state == "done",
+            timeout=30,
+        )
+        # The Redeploy that followed was approved under the same slot, given back at the end.
+        assert approved_ids(live)
+        wait_until(lambda: server.held("web") == [], timeout=10)
+    finally:
+        server.stop()
 
 
 def test_never_twice_in_one_window_whatever_restarts(
