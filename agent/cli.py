@@ -252,20 +252,19 @@ def _fleet_gate(
     metrics: Metrics,
     stop: threading.Event,
 ) -> FleetGate | None:
-    from agent.clock import SystemClock
-    from agent.fleet import FleetGate, build_backend
+    from agent.fleet import gate_for
 
     if config.fleet.url is None:
         return None
-    backend = build_backend(config.fleet, config.fleet.id or vm_name, imds, os.environ)
-    return FleetGate(
-        backend,
-        config=config.fleet,
+    return gate_for(
+        config.fleet,
+        holder=config.fleet.id or vm_name,
+        imds=imds,
         store=store,
         metrics=metrics,
-        clock=SystemClock(stop),
         stop=stop,
         log=logs.get_logger("agent"),
+        env=os.environ,
     )
 
 

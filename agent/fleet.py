@@ -38,7 +38,7 @@ from xml.etree import ElementTree
 
 import requests
 
-from agent.clock import Clock
+from agent.clock import Clock, SystemClock
 from agent.config import FleetConfig, account_name
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.imds import ImdsClient, TokenCache
@@ -437,6 +437,29 @@ def build_backend(
         sas_token=sas,
         account_key=key,
         token=token,
+    )
+
+
+def gate_for(
+    config: FleetConfig,
+    *,
+    holder: str,
+    imds: ImdsClient | None,
+    store: Store,
+    metrics: Metrics,
+    stop: threading.Event,
+    log: Any,
+    env: Mapping[str, str],
+) -> FleetGate:
+    """The gate over the configured coordinator, on the real clock."""
+    return FleetGate(
+        build_backend(config, holder, imds, env),
+        config=config,
+        store=store,
+        metrics=metrics,
+        clock=SystemClock(stop),
+        stop=stop,
+        log=log,
     )
 
 

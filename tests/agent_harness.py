@@ -15,10 +15,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent.clock import SystemClock
 from agent.config import Config, parse
 from agent.daemon import Daemon, assemble
-from agent.fleet import FleetGate, build_backend
+from agent.fleet import FleetGate, gate_for
 from agent.imds import ImdsClient, RetryPolicy
 from agent.metrics import Metrics
 from agent.state import Store
@@ -124,15 +123,16 @@ def build_agent(
     vm_name = config.vm_name or "web_4"
     fleet = None
     if config.fleet.url is not None:
-        backend = build_backend(config.fleet, config.fleet.id or vm_name, imds, {})
-        fleet = FleetGate(
-            backend,
-            config=config.fleet,
+        holder = config.fleet.id or vm_name
+        fleet = gate_for(
+            config.fleet,
+            holder=holder,
+            imds=imds,
             store=store,
             metrics=metrics,
-            clock=SystemClock(stop),
             stop=stop,
             log=log,
+            env={},
         )
     parts = assemble(
         config,

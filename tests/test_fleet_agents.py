@@ -122,11 +122,13 @@ def test_three_agents_sharing_one_slot_take_turns(
     for name in names:
         assert calls(tmp_path / name).count(f"end recover Reboot {events[name]}") == 1
     longest = max(turns, key=lambda turn: turn.waited)
-    print(
-        "\nfleet run, 3 agents, 1 slot: approvals in order "
-        + ", ".join(f"{t.vm} at {t.approved_at.time().isoformat('milliseconds')}" for t in turns)
-        + f"; longest wait {longest.waited:.1f} s ({longest.vm})"
-    )
+    print("\nfleet run: 3 agents, 1 slot, one Reboot each (NotBefore in 15 min)")
+    for turn in turns:
+        print(
+            f"  {turn.vm}: prepared {turn.prepared_at.time()}, approved {turn.approved_at.time()}"
+            f" (waited {turn.waited:.1f} s for the slot), recovered {turn.recovered_at.time()}"
+        )
+    print(f"  longest wait: {longest.waited:.1f} s ({longest.vm})")
     # Every slot was given back, and status says so, for the group and for this agent.
     shown = subprocess.run(
         [sys.executable, "-m", "agent", "status", "--json", "--config", str(agents["vm_1"].config)],
