@@ -149,7 +149,8 @@ class Store:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            # In one transaction: a reader (status) sees all the tables or none of them.
+            self._db.executescript(f"BEGIN;\n{SCHEMA}COMMIT;\n")
         except (sqlite3.Error, OSError) as error:
             # Keep handling events: in memory, with whatever the file still lets us read.
             self._db = self._memory_copy(self._readable_copy())

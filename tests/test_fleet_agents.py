@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -179,6 +180,44 @@ def test_a_killed_holder_frees_its_slot_within_the_lease(
     assert 0 < freed_after <= LEASE_SECONDS + 3
 
 
+def test_a_holder_restarted_mid_event_keeps_its_slot_until_recovered(
+    tmp_path: Path, live: Emulator, azurite: Azurite, agents: dict[str, AgentProcess]
+) -> None:
+    url = azurite.create_container()
+    section = fleet_section(url, lease_seconds=LEASE_SECONDS)
+    start_agent(agents, tmp_path, live, "vm_0", fleet=section)
+    first = live.add_event(type="Reboot", resources=["vm_0"], not_before_in_seconds=900)
+    wait_until(lambda: len(approval_times(live.url)) == 1, timeout=60, interval=0.1)
+    # vm_1 arrives while vm_0 is in its maintenance (Started until completed).
+    start_agent(agents, tmp_path, live, "vm_1", fleet=section)
+    second = live.add_event(type="Reboot", resources=["vm_1"], not_before_in_seconds=900)
+    wait_until(
+        lambda: "waiting_for_slot" in (tmp_path / "vm_1" / "agent.log").read_text(), timeout=30
+    )
+
+    agents["vm_0"].kill()  # and back at once, as systemd would restart it
+    lapsed = time.monotonic() + LEASE_SECONDS + 2  # when the old lease would have run out
+    agents["vm_0"] = AgentProcess(
+        tmp_path / "vm_0",
+        live.url,
+        vm_name="vm_0",
+        maintenance={"check_interval_seconds": 0},
+        fleet=section,
+    )
+    # The assertion is about the time after the lease would have lapsed: wait for that time.
+    wait_until(lambda: time.monotonic() > lapsed, timeout=LEASE_SECONDS + 10, interval=0.2)
+    # vm_0 took its slot again at start-up, for its event that is not over: vm_1 still waits.
+    assert [event_id for _, event_id in approval_times(live.url)] == [first["EventId"]]
+    restarted_log = (tmp_path / "vm_0" / "agent.log").read_text().split('"agent.started"')[-1]
+    assert "fleet.slot_held_for" in restarted_log
+    assert "slot_held_for" not in (tmp_path / "vm_1" / "agent.log").read_text()
+
+    live.control("POST", f"events/{first['EventId']}/complete")
+    wait_until(lambda: len(approval_times(live.url)) == 2, timeout=30, interval=0.2)
+    assert approval_times(live.url)[1][1] == second["EventId"]
+    assert stored_state(tmp_path / "vm_0", first["EventId"]) == "done"
+
+
 def metric(port: int, name: str) -> float:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     total = 0.0
@@ -192,8 +231,8 @@ def test_with_storage_gone_nothing_is_approved_early_until_it_returns(
     tmp_path: Path, live: Emulator, azurite: Azurite, agents: dict[str, AgentProcess]
 ) -> None:
     url = azurite.create_container()
+    port = free_port()  # while Azurite still listens: its port must not be picked for metrics
     azurite.stop()
-    port = free_port()
     agent = start_agent(
         agents,
         tmp_path,
