@@ -192,15 +192,28 @@ class Gate:
             log=structlog.get_logger("test"),
         )
 
+    def close(self) -> None:
+        self.gate.close()
+        self.store.close()
+
     def value(self, name: str, **labels: str) -> float:
         found = self.metrics.registry.get_sample_value(name, labels)
         return found or 0.0
 
 
+@pytest.fixture
+def gates() -> Iterator[list[Gate]]:
+    made: list[Gate] = []
+    yield made
+    for gate in made:
+        gate.close()
+
+
 def test_one_slot_serves_all_events_of_a_vm_and_is_freed_after_the_last(
-    container: str, tmp_path: Path
+    container: str, tmp_path: Path, gates: list[Gate]
 ) -> None:
     mine = Gate(slots(container, "vm_0", count=1), tmp_path / "a")
+    gates.append(mine)
     other = slots(container, "vm_1", count=1)
     assert mine.gate.hold("e1", "E1") and mine.gate.hold("e2", "E2")
     assert mine.value("scheduled_events_agent_fleet_slot_held") == 1
@@ -215,8 +228,11 @@ def test_one_slot_serves_all_events_of_a_vm_and_is_freed_after_the_last(
     other.close()
 
 
-def test_a_lost_lease_is_noticed_at_renewal_and_counted(container: str, tmp_path: Path) -> None:
+def test_a_lost_lease_is_noticed_at_renewal_and_counted(
+    container: str, tmp_path: Path, gates: list[Gate]
+) -> None:
     mine = Gate(slots(container, "vm_0", count=1), tmp_path / "a", lease_seconds=15)
+    gates.append(mine)
     assert mine.gate.hold("e1", "E1")
     thief = slots(container, "vm_1", count=1)
     # Break our lease, as an operator clearing a stuck slot would, and take the slot.
@@ -237,9 +253,12 @@ def test_a_lost_lease_is_noticed_at_renewal_and_counted(container: str, tmp_path
     thief.close()
 
 
-def test_an_unreachable_store_means_no_slot_logged_once_and_counted(tmp_path: Path) -> None:
+def test_an_unreachable_store_means_no_slot_logged_once_and_counted(
+    tmp_path: Path, gates: list[Gate]
+) -> None:
     dead = slots("http://127.0.0.1:9/devstoreaccount1/fleet", "vm_0")
     mine = Gate(dead, tmp_path / "a")
+    gates.append(mine)
     with structlog.testing.capture_logs() as logged:
         assert not mine.gate.hold("e1", "E1")
         assert not mine.gate.hold("e1", "E1")

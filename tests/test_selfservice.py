@@ -251,9 +251,9 @@ class Agent:
         self.store = Store(":memory:" if dry_run else self.config.state.path)
         self.registry = CollectorRegistry()
         metrics = Metrics(self.registry)
-        fleet = None
+        self.fleet: FleetGate | None = None
         if fleetlock is not None:
-            fleet = FleetGate(
+            self.fleet = FleetGate(
                 FleetLockSlots(fleetlock, "web", holder="web_4"),
                 config=FleetConfig(url=fleetlock, backend="fleetlock", retry_seconds=0.2),
                 store=self.store,
@@ -274,7 +274,7 @@ class Agent:
                 metrics=metrics,
                 arm=self.arm,
                 instance=self.imds.fetch_instance_metadata(),
-                fleet=fleet,
+                fleet=self.fleet,
             )
         )
         self.thread = threading.Thread(target=self.daemon.run)
@@ -286,6 +286,8 @@ class Agent:
         self.store.close()
         self.arm.close()
         self.imds.close()
+        if self.fleet is not None:
+            self.fleet.close()
 
 
 @pytest.fixture
