@@ -182,8 +182,10 @@ class Daemon:
         interval = self._config.imds.poll_interval_seconds
         watcher = None
         if self._fleet is not None:
-            self._resume_fleet()
-            threading.Thread(target=self._fleet.run, name="fleet", daemon=True).start()
+            # In a thread of its own: a slow coordinator never delays the first poll.
+            threading.Thread(
+                target=self._fleet.run, args=(self._fleet_needed(),), name="fleet", daemon=True
+            ).start()
         if self.self_service is not None:
             # Before the watcher may take a new one: wind up one a restart cut short.
             self.self_service.resume()
@@ -242,7 +244,7 @@ class Daemon:
         """One poll, handled fully: every worker it starts runs to its end."""
         self._once = True  # no waiting for a fleet slot: the next run tries again
         if self._fleet is not None:
-            self._resume_fleet()
+            self._fleet.resume(self._fleet_needed())
         if self.self_service is not None:
             self.self_service.resume()
         ok = self.poll(budget_seconds=10.0)
@@ -288,16 +290,14 @@ class Daemon:
         self._report_degraded_state()
         return True
 
-    def _resume_fleet(self) -> None:
-        """Keep the slot for events approved before a restart that are not over yet (and
-        self-service maintenances not wound up); else give back what we may still hold."""
-        assert self._fleet is not None
-        needed = {
+    def _fleet_needed(self) -> dict[str, str]:
+        """The events that keep the fleet slot after a restart: approved and not over yet,
+        and self-service maintenances not wound up (the gate gives back anything else)."""
+        return {
             record.key: record.event_id
             for record in self._store.events(states=ACTIVE)
             if is_self_service(record.key) or self._store.approval_may_have_landed(record.key)
         }
-        self._fleet.resume(needed)
 
     def _report_degraded_state(self) -> None:
         """Say loudly, once, that the state store lost its file and works in memory."""

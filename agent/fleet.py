@@ -583,7 +583,7 @@ class FleetGate:
             for key, event_id in needed.items():
                 self.hold(key, event_id)
                 self._waiting.pop(key, None)
-            if not needed:
+            if not needed and self._slot is None:  # (a slot taken already is this run's own)
                 self._release_pending = True
                 self._give_back(None)
             self._record()
@@ -601,7 +601,9 @@ class FleetGate:
     def close(self) -> None:
         self._backend.close()
 
-    def run(self) -> None:
+    def run(self, needed: Mapping[str, str] | None = None) -> None:
+        """The gate's thread: ``resume`` with ``needed``, then renew and retry until stopped."""
+        self.resume(needed or {})
         while not self._stop.is_set():
             self.tick()
             self._clock.wait(TICK_SECONDS)
