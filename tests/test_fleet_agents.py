@@ -182,6 +182,10 @@ def test_a_killed_holder_frees_its_slot_within_the_lease(
         datetime.fromisoformat(second_time.replace("Z", "+00:00")) - killed
     ).total_seconds()
     assert 0 < freed_after <= LEASE_SECONDS + 3
+    print(
+        f"\nkill -9 of {holder}: {other} approved {freed_after:.1f} s later"
+        f" (lease {LEASE_SECONDS} s)"
+    )
 
 
 def test_a_holder_restarted_mid_event_keeps_its_slot_until_recovered(
