@@ -29,10 +29,10 @@ import json
 import threading
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 from xml.etree import ElementTree
 
@@ -52,6 +52,7 @@ SAS_ENVIRONMENT = "SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN"
 KEY_ENVIRONMENT = "SCHEDULED_EVENTS_AGENT_FLEET_ACCOUNT_KEY"
 MAX_LIST_BYTES = 1024 * 1024
 TICK_SECONDS = 1.0
+_T = TypeVar("_T")
 
 
 class FleetError(AgentError):
@@ -81,6 +82,8 @@ class SlotView:
 
 class Backend(Protocol):
     name: str
+    slots: int | None  # how many the group has; None: the coordinator keeps the count
+    lease_seconds: int | None  # how long a held slot lasts unrenewed; None: until given back
 
     def acquire(self, event_id: str, since: str) -> Attempt: ...
 
@@ -157,8 +160,8 @@ class BlobSlots:
     ) -> None:
         self._container = container_url.rstrip("/")
         self._group = group
-        self._slots = slots
-        self._lease_seconds = lease_seconds
+        self.slots: int | None = slots
+        self.lease_seconds: int | None = lease_seconds
         self._holder = holder
         self._sas = sas_token.lstrip("?") if sas_token else None
         self._account = account_name(self._container)
@@ -175,7 +178,7 @@ class BlobSlots:
         self._session.close()
 
     def slot_names(self) -> list[str]:
-        return [f"{self._group}/slot-{index}" for index in range(self._slots)]
+        return [f"{self._group}/slot-{index}" for index in range(self.slots or 0)]
 
     def acquire(self, event_id: str, since: str) -> Attempt:
         names = self.slot_names()
@@ -253,7 +256,7 @@ class BlobSlots:
     def _lease(self, name: str, action: str) -> requests.Response:
         headers = {"x-ms-lease-action": action, "Content-Length": "0"}
         if action == "acquire":
-            headers["x-ms-lease-duration"] = str(self._lease_seconds)
+            headers["x-ms-lease-duration"] = str(self.lease_seconds)
             headers["x-ms-proposed-lease-id"] = self.lease_id
         else:
             headers["x-ms-lease-id"] = self.lease_id
@@ -351,6 +354,8 @@ class FleetLockSlots:
     """The FleetLock protocol: a counting semaphore kept by the server, locks owned by ``id``."""
 
     name = "fleetlock"
+    slots: int | None = None  # the server keeps the count
+    lease_seconds: int | None = None  # its locks are held until given back
 
     def __init__(self, url: str, group: str, *, holder: str, timeout_seconds: float = 5.0) -> None:
         self._url = url.rstrip("/")
@@ -591,8 +596,11 @@ class FleetGate:
     def tick(self) -> None:
         """Renew a held lease when due, and retry a release that failed."""
         with self._lock:
-            if self._slot is not None and self._clock.monotonic() - self._renewed_at >= (
-                self._config.lease_seconds / 3
+            lease = self._backend.lease_seconds
+            if (
+                self._slot is not None
+                and lease is not None
+                and self._clock.monotonic() - self._renewed_at >= lease / 3
             ):
                 self._renew()
             if self._release_pending and self._slot is None:
@@ -613,7 +621,7 @@ class FleetGate:
             return {
                 "backend": self._backend.name,
                 "group": self._config.group,
-                "slots": self._config.slots if self._backend.name == "blob" else None,
+                "slots": self._backend.slots,
                 "slot": self._slot,
                 "since": self._since,
                 "events": sorted(self._holding.values()),
@@ -624,8 +632,8 @@ class FleetGate:
     # Inside the lock ----------------------------------------------------------------------------
 
     def _fresh(self) -> bool:
-        age = self._clock.monotonic() - self._renewed_at
-        return self._backend.name != "blob" or age < self._config.lease_seconds - 2
+        lease = self._backend.lease_seconds
+        return lease is None or self._clock.monotonic() - self._renewed_at < lease - 2
 
     def _renew(self) -> None:
         slot = self._slot
@@ -655,7 +663,7 @@ class FleetGate:
         if self._call(give_back):
             self._release_pending = False
 
-    def _call(self, action: Any) -> Any:
+    def _call(self, action: Callable[[], _T]) -> _T | None:
         """Run one coordinator call; None when it failed (logged once per change, counted)."""
         try:
             result = action()
