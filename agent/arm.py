@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from agent.clock import Clock
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.imds import ImdsClient, TokenCache
 
@@ -74,6 +75,7 @@ class ArmClient:
         base_url: str,
         imds: ImdsClient,
         *,
+        clock: Clock,
         api_version: str = ARM_API_VERSION,
         timeout_seconds: float = 30.0,
     ) -> None:
@@ -82,7 +84,7 @@ class ArmClient:
         self._timeout = timeout_seconds
         self._session = requests.Session()
         self._session.headers["User-Agent"] = "scheduled-events-agent"
-        self._token = TokenCache(imds, ARM_RESOURCE)
+        self._token = TokenCache(imds, ARM_RESOURCE, clock=clock)
 
     def close(self) -> None:
         self._session.close()

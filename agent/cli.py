@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__, logs
 from agent import config as config_module
+from agent.clock import Clock, SystemClock
 from agent.errors import AgentError, ConfigError, ImdsError
 
 if TYPE_CHECKING:  # the commands import what they use when they run
@@ -161,10 +162,17 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     registry = CollectorRegistry()
     stop = threading.Event()
     _install_stop_signals(stop)
-    imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, stop=stop, logger=log)
+    clock = SystemClock(stop)
+    imds = ImdsClient(
+        config.imds.url, api_version=config.imds.api_version, clock=clock, stop=stop, logger=log
+    )
     vm_name, instance = _identify(config, imds, log)
     maintenance = config.maintenance.check_interval_seconds > 0
-    arm = ArmClient(config.arm.url, imds) if maintenance and instance is not None else None
+    arm = (
+        ArmClient(config.arm.url, imds, clock=clock)
+        if maintenance and instance is not None
+        else None
+    )
     # A dry run keeps its memory to itself: a later real run must not think work was done.
     store = Store(":memory:" if arguments.dry_run else config.state.path)
     metrics = Metrics(registry)
@@ -173,7 +181,13 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         None
         if arguments.dry_run
         else _fleet_gate(
-            config, vm_name=vm_name, imds=imds, store=store, metrics=metrics, stop=stop
+            config,
+            vm_name=vm_name,
+            imds=imds,
+            store=store,
+            metrics=metrics,
+            clock=clock,
+            stop=stop,
         )
     )
     failpoints = os.environ.get("SCHEDULED_EVENTS_AGENT_FAILPOINTS", "")
@@ -181,6 +195,7 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         config,
         imds=imds,
         store=store,
+        clock=clock,
         stop=stop,
         log=log,
         vm_name=vm_name,
@@ -250,6 +265,7 @@ def _fleet_gate(
     imds: ImdsClient,
     store: Store,
     metrics: Metrics,
+    clock: Clock,
     stop: threading.Event,
 ) -> FleetGate | None:
     from agent.fleet import gate_for
@@ -262,6 +278,7 @@ def _fleet_gate(
         imds=imds,
         store=store,
         metrics=metrics,
+        clock=clock,
         stop=stop,
         log=logs.get_logger("agent"),
         env=os.environ,
@@ -301,9 +318,12 @@ def _fleet_holders(config: config_module.Config) -> dict[str, object]:
     view: dict[str, object] = {"backend": fleet.backend, "group": fleet.group}
     if fleet.backend == "blob":
         view["slots"] = fleet.slots
-    imds = ImdsClient(config.imds.url, retry=RetryPolicy(budget_seconds=5))
+    clock = SystemClock()
+    imds = ImdsClient(config.imds.url, clock=clock, retry=RetryPolicy(budget_seconds=5))
     try:
-        backend = build_backend(fleet, fleet.id or config.vm_name or "-", imds, os.environ)
+        backend = build_backend(
+            fleet, fleet.id or config.vm_name or "-", imds, os.environ, clock=clock
+        )
         try:
             slots = backend.describe()
         finally:
@@ -320,12 +340,11 @@ def _fleet_holders(config: config_module.Config) -> dict[str, object]:
 
 
 def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
-
     from agent.imds import ImdsClient
     from agent.state import Store
 
-    imds = ImdsClient(config.imds.url, api_version=config.imds.api_version)
+    clock = SystemClock()
+    imds = ImdsClient(config.imds.url, api_version=config.imds.api_version, clock=clock)
     vm_name = config.vm_name or imds.fetch_instance_metadata().name
     document = imds.fetch_scheduled_events()
     event = document.find(arguments.event_id)
@@ -356,13 +375,13 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
                 file=sys.stderr,
             )
             return EXIT_FAILURE
-        approval_id = store.approval_started(event.key, "manual", datetime.now(timezone.utc))
+        approval_id = store.approval_started(event.key, "manual", clock.now())
         try:
             imds.approve([event.event_id])
         except AgentError as error:
-            store.approval_finished(approval_id, "failed", datetime.now(timezone.utc), str(error))
+            store.approval_finished(approval_id, "failed", clock.now(), str(error))
             raise
-        store.approval_finished(approval_id, "succeeded", datetime.now(timezone.utc))
+        store.approval_finished(approval_id, "succeeded", clock.now())
     finally:
         store.close()
         imds.close()

@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agent.arm import ArmClient
-from agent.clock import Clock, SystemClock
+from agent.clock import Clock
 from agent.config import Config
 from agent.errors import (
     AgentError,
@@ -86,6 +86,7 @@ def assemble(
     *,
     imds: ImdsClient,
     store: Store,
+    clock: Clock,
     stop: threading.Event,
     log: Any,
     vm_name: str,
@@ -98,8 +99,7 @@ def assemble(
     instance: InstanceMetadata | None = None,
     fleet: FleetGate | None = None,
 ) -> Collaborators:
-    """The daemon's parts for ``config``: the real clock and a hook runner set from it."""
-    clock = SystemClock(stop)
+    """The daemon's parts for ``config``, on ``clock``, with a hook runner set from it."""
     hooks = HookRunner(
         clock,
         stop,

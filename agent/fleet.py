@@ -38,7 +38,7 @@ from xml.etree import ElementTree
 
 import requests
 
-from agent.clock import Clock, SystemClock
+from agent.clock import Clock
 from agent.config import FleetConfig, account_name
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.imds import ImdsClient, TokenCache
@@ -419,7 +419,12 @@ class FleetLockSlots:
 
 
 def build_backend(
-    config: FleetConfig, holder: str, imds: ImdsClient | None, env: Mapping[str, str]
+    config: FleetConfig,
+    holder: str,
+    imds: ImdsClient | None,
+    env: Mapping[str, str],
+    *,
+    clock: Clock,
 ) -> Backend:
     """The configured coordinator; credentials from the configuration, else the environment,
     else the VM's managed identity."""
@@ -432,7 +437,7 @@ def build_backend(
     if sas is None and key is None:
         if imds is None:
             raise AgentError("fleet: no SAS token or account key, and no IMDS for a token")
-        token = TokenCache(imds, STORAGE_RESOURCE, budget_seconds=5)
+        token = TokenCache(imds, STORAGE_RESOURCE, clock=clock, budget_seconds=5)
     return BlobSlots(
         config.url,
         config.group,
@@ -452,17 +457,18 @@ def gate_for(
     imds: ImdsClient | None,
     store: Store,
     metrics: Metrics,
+    clock: Clock,
     stop: threading.Event,
     log: Any,
     env: Mapping[str, str],
 ) -> FleetGate:
-    """The gate over the configured coordinator, on the real clock."""
+    """The gate over the configured coordinator, on ``clock``."""
     return FleetGate(
-        build_backend(config, holder, imds, env),
+        build_backend(config, holder, imds, env, clock=clock),
         config=config,
         store=store,
         metrics=metrics,
-        clock=SystemClock(stop),
+        clock=clock,
         stop=stop,
         log=log,
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -31,11 +30,12 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    sleep_using_event,
-    stop_before_delay,
+    stop_any,
     stop_when_event_set,
 )
+from tenacity.stop import stop_base
 
+from agent.clock import Clock
 from agent.errors import (
     DocumentError,
     ImdsError,
@@ -134,6 +134,20 @@ class _TransientFailure(Exception):
         self.retry_after = retry_after
 
 
+class _StopBeforeBudget(stop_base):
+    """tenacity's stop_before_delay on our clock: stop before a wait that would end past the
+    budget, counted from when this policy was made (one per call)."""
+
+    def __init__(self, clock: Clock, budget_seconds: float) -> None:
+        self._clock = clock
+        self._budget = budget_seconds
+        self._started = clock.monotonic()
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        elapsed = self._clock.monotonic() - self._started
+        return elapsed + (retry_state.upcoming_sleep or 0.0) >= self._budget
+
+
 class ImdsClient:
     """Talks to IMDS at ``base_url``. Build one per process and keep it: it owns the connection."""
 
@@ -144,6 +158,7 @@ class ImdsClient:
         api_version: str = DEFAULT_API_VERSION,
         timeouts: Timeouts = Timeouts(),
         retry: RetryPolicy = RetryPolicy(),
+        clock: Clock,
         stop: threading.Event | None = None,
         logger: Any = None,
         jitter: Callable[[], float] = random.random,
@@ -153,6 +168,7 @@ class ImdsClient:
         self._api_version = api_version
         self._timeouts = timeouts
         self._retry = retry
+        self._clock = clock
         self._stop = stop if stop is not None else threading.Event()
         self._log = logger if logger is not None else structlog.get_logger("agent.imds")
         self._jitter = jitter
@@ -186,7 +202,7 @@ class ImdsClient:
             # The ETag is only a hint (the docs never promise it, and the incarnation it
             # follows can start over): it is dropped after any failure, and a full GET is made
             # at least every revalidate_seconds whatever it says.
-            fresh = time.monotonic() - self._etag_at < self._revalidate_seconds
+            fresh = self._clock.monotonic() - self._etag_at < self._revalidate_seconds
             headers = {"If-None-Match": self._etag} if self._etag and fresh else {}
             timeout = self._timeouts.read if self._service_warm else self._timeouts.first_read
             try:
@@ -201,7 +217,7 @@ class ImdsClient:
                 self._etag = None
                 raise ImdsResponseInvalid(f"imds: unexpected status {status} from {url}", url=url)
             self._etag = response_headers.get("ETag")
-            self._etag_at = time.monotonic()
+            self._etag_at = self._clock.monotonic()
             if body == self._last_body and self._last_document is not None:
                 return self._last_document
             try:
@@ -292,11 +308,16 @@ class ImdsClient:
                 raise OperationCancelled(f"stopped before a request to {url}")
             return attempt()
 
+        def sleep(seconds: float) -> None:
+            self._clock.wait(seconds)
+
         retrying = Retrying(
             retry=retry_if_exception_type(_TransientFailure),
-            stop=stop_before_delay(budget_seconds) | stop_when_event_set(self._stop),
+            stop=stop_any(
+                _StopBeforeBudget(self._clock, budget_seconds), stop_when_event_set(self._stop)
+            ),
             wait=self._wait_seconds,
-            sleep=sleep_using_event(self._stop),
+            sleep=sleep,
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -432,8 +453,16 @@ class TokenCache:
     """A managed-identity token for one resource, fetched from IMDS when needed and kept until
     five minutes before it expires. Thread-safe; ``forget`` drops a token a service refused."""
 
-    def __init__(self, imds: ImdsClient, resource: str, *, budget_seconds: float | None = None):
+    def __init__(
+        self,
+        imds: ImdsClient,
+        resource: str,
+        *,
+        clock: Clock,
+        budget_seconds: float | None = None,
+    ) -> None:
         self._imds = imds
+        self._clock = clock
         self._resource = resource
         self._budget = budget_seconds
         self._token: str | None = None
@@ -443,12 +472,13 @@ class TokenCache:
     def get(self) -> str:
         """The token; raises ImdsError (ImdsRequestRejected when the VM has no identity)."""
         with self._lock:
-            if self._token is not None and time.time() < self._expires - 300:
+            now = self._clock.now().timestamp()
+            if self._token is not None and now < self._expires - 300:
                 return self._token
             token = self._imds.fetch_token(self._resource, budget_seconds=self._budget)
             self._token = token["access_token"]
             expires = token.get("expires_on", "")
-            self._expires = float(expires) if expires.isdigit() else time.time() + 3000
+            self._expires = float(expires) if expires.isdigit() else now + 3000
             return self._token
 
     def forget(self) -> None:

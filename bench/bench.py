@@ -40,6 +40,7 @@ import requests
 import structlog
 import yaml
 
+from agent.clock import SystemClock
 from agent.config import parse
 from agent.daemon import Daemon, assemble
 from agent.emulator.server import EmulatorServer
@@ -331,13 +332,15 @@ def measure_growth(sizes: tuple[int, ...], repetitions: int) -> dict[str, Any]:
                 }
             )
             stop = threading.Event()
-            imds = ImdsClient(server.url, stop=stop)
+            clock = SystemClock(stop)
+            imds = ImdsClient(server.url, clock=clock, stop=stop)
             store = Store(config.state.path)
             daemon = Daemon(
                 assemble(
                     config,
                     imds=imds,
                     store=store,
+                    clock=clock,
                     stop=stop,
                     log=structlog.get_logger(),
                     vm_name="web_4",

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from agent.clock import SystemClock
 from agent.config import Config, parse
 from agent.daemon import Daemon, assemble
 from agent.fleet import FleetGate, gate_for
@@ -113,8 +114,11 @@ def build_agent(
     metrics = Metrics(CollectorRegistry())
     stop = threading.Event()
     log = structlog.get_logger("agent")
+    # End to end: the real clock, to test the wiring (the logic is tested on a fake one).
+    clock = SystemClock(stop)
     imds = ImdsClient(
         config.imds.url,
+        clock=clock,
         stop=stop,
         retry=RetryPolicy(budget_seconds=5, initial_wait_seconds=0.02, max_wait_seconds=0.2),
         logger=log,
@@ -130,6 +134,7 @@ def build_agent(
             imds=imds,
             store=store,
             metrics=metrics,
+            clock=clock,
             stop=stop,
             log=log,
             env={},
@@ -138,6 +143,7 @@ def build_agent(
         config,
         imds=imds,
         store=store,
+        clock=clock,
         stop=stop,
         log=log,
         vm_name=vm_name,

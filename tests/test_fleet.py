@@ -155,8 +155,8 @@ class RecordingStorage(BaseHTTPRequestHandler):
 def test_without_a_key_or_sas_the_managed_identity_token_is_sent(emulator: Emulator) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingStorage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    imds = ImdsClient(emulator.url)
-    cache = TokenCache(imds, "https://storage.azure.com/")
+    imds = ImdsClient(emulator.url, clock=SystemClock())
+    cache = TokenCache(imds, "https://storage.azure.com/", clock=SystemClock())
     url = f"http://127.0.0.1:{server.server_address[1]}/{ACCOUNT}/fleet"
     backend = slots(url, "vm_0", account_key=None, token=cache)
     try:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
+from agent.clock import SystemClock
 from agent.errors import (
     DocumentError,
     ImdsRequestRejected,
@@ -17,6 +18,7 @@ from agent.errors import (
 )
 from agent.imds import MAX_BODY_BYTES, ImdsClient, RetryPolicy, Timeouts
 from tests.conftest import Emulator, wait_until
+from tests.fakes import FakeClock
 
 # Short waits so that retries take milliseconds, not seconds.
 QUICK = RetryPolicy(budget_seconds=10, initial_wait_seconds=0.01, max_wait_seconds=0.05)
@@ -24,6 +26,7 @@ QUICK = RetryPolicy(budget_seconds=10, initial_wait_seconds=0.01, max_wait_secon
 
 def client_for(emulator: Emulator, **options: Any) -> ImdsClient:
     options.setdefault("retry", QUICK)
+    options.setdefault("clock", SystemClock(options.get("stop")))
     return ImdsClient(emulator.url, **options)
 
 
@@ -128,7 +131,9 @@ def test_an_unreachable_imds_is_reported_after_the_budget() -> None:
         unused.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{unused.getsockname()[1]}"
     client = ImdsClient(
-        url, retry=RetryPolicy(budget_seconds=0.3, initial_wait_seconds=0.01, max_wait_seconds=0.05)
+        url,
+        clock=SystemClock(),
+        retry=RetryPolicy(budget_seconds=0.3, initial_wait_seconds=0.01, max_wait_seconds=0.05),
     )
     with pytest.raises(ImdsUnavailable) as raised:
         client.fetch_scheduled_events()
@@ -285,3 +290,34 @@ def test_a_failed_request_drops_the_etag(emulator: Emulator) -> None:
     emulator.add_event(type="Freeze")
     emulator.control("POST", "faults", {"drop": True, "count": 1})
     assert len(client.fetch_scheduled_events().events) == 2
+
+
+def test_retry_waits_and_the_budget_run_on_the_injected_clock(emulator: Emulator) -> None:
+    # A 30 s budget of retries passes in virtual time: the client waits only through its clock.
+    emulator.control("POST", "faults", {"status": 503, "count": 10_000})
+    clock = FakeClock()
+    client = client_for(
+        emulator,
+        clock=clock,
+        retry=RetryPolicy(budget_seconds=30, initial_wait_seconds=1, max_wait_seconds=4),
+    )
+    started = clock.monotonic()
+    with pytest.raises(ImdsUnavailable) as raised:
+        client.fetch_scheduled_events()
+    assert raised.value.attempts > 5
+    assert sum(clock.waited) == pytest.approx(clock.monotonic() - started)
+    assert 20 <= clock.monotonic() - started < 30
+
+
+def test_the_etag_is_revalidated_in_full_once_the_clock_says_so(emulator: Emulator) -> None:
+    clock = FakeClock()
+    client = client_for(emulator, clock=clock, revalidate_seconds=60)
+    emulator.add_event(type="Reboot")
+    first = client.fetch_scheduled_events()
+    with emulator.world.lock:
+        emulator.world.incarnation = first.incarnation - 1
+    emulator.add_event(type="Freeze")  # the same incarnation again, different content
+    clock.advance(59)
+    assert len(client.fetch_scheduled_events().events) == 1  # the ETag still trusted
+    clock.advance(2)
+    assert len(client.fetch_scheduled_events().events) == 2  # revalidated in full

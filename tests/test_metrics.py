@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import socket
 import subprocess
@@ -54,22 +53,26 @@ class Running:
         self.config = parse(config_for(directory, url, **sections))
         self.registry = CollectorRegistry()
         self.stop = threading.Event()
+        self.clock = MovableMonotonic(self.stop)
         self.imds = ImdsClient(
-            url, stop=self.stop, retry=RetryPolicy(2, 0.02, 0.1), logger=structlog.get_logger()
+            url,
+            clock=self.clock,
+            stop=self.stop,
+            retry=RetryPolicy(2, 0.02, 0.1),
+            logger=structlog.get_logger(),
         )
         self.store = Store(self.config.state.path)
         parts = assemble(
             self.config,
             imds=self.imds,
             store=self.store,
+            clock=self.clock,
             stop=self.stop,
             log=structlog.get_logger(),
             vm_name="web_4",
             metrics=Metrics(self.registry),
             notifier=Notifier(notify_environment or {}),
         )
-        self.clock = MovableMonotonic(self.stop)
-        parts = dataclasses.replace(parts, clock=self.clock)
         self.daemon = Daemon(parts)
         self.thread: threading.Thread | None = None
 

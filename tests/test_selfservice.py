@@ -29,6 +29,7 @@ from agent.report import status_text
 from agent.state import Store
 from tests.agent_harness import calls, config_for
 from tests.conftest import Emulator, approved_ids, wait_until
+from tests.fakes import FakeClock
 from tests.fleet_harness import FleetLockServer
 
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -38,8 +39,9 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
 
 
-def windows(allowed: bool = True) -> dict[str, Any]:
-    now = datetime.now(timezone.utc)
+def windows(allowed: bool = True, now: datetime | None = None) -> dict[str, Any]:
+    """A wave around ``now``: the real time for the end-to-end tests, a fake one for logic."""
+    now = datetime.now(timezone.utc) if now is None else now
     return {
         "isCustomerInitiatedMaintenanceAllowed": allowed,
         "preMaintenanceWindowStartTime": iso(now - timedelta(days=1)),
@@ -50,8 +52,8 @@ def windows(allowed: bool = True) -> dict[str, Any]:
     }
 
 
-def slot_around_now(minutes: int = 60) -> str:
-    now = datetime.now(timezone.utc)
+def slot_around_now(minutes: int = 60, now: datetime | None = None) -> str:
+    now = datetime.now(timezone.utc) if now is None else now
     start = now - timedelta(minutes=minutes)
     end = now + timedelta(minutes=minutes)
     return f"{DAYS[start.weekday()]} {start:%H:%M}-{end:%H:%M}"
@@ -76,39 +78,39 @@ def test_a_bad_slot_is_refused_with_an_example(text: str) -> None:
 
 
 def test_update_domains_take_their_turns_one_after_another() -> None:
-    status = MaintenanceStatus.from_view({"maintenanceRedeployStatus": windows()})
-    now = datetime(2026, 11, 29, 2, 10, tzinfo=ZoneInfo("Europe/Berlin"))  # Sunday 02:10 local
-    slots = (Slot.parse("Sun 02:00-02:30"),)
+    berlin = ZoneInfo("Europe/Berlin")
+    clock = FakeClock()
+    status = MaintenanceStatus.from_view({"maintenanceRedeployStatus": windows(now=clock.now())})
+    # A 30-minute slot that began ten minutes ago, Berlin time, on whatever day the clock shows.
+    start = (clock.now().astimezone(berlin) - timedelta(minutes=10)).replace(
+        second=0, microsecond=0
+    )
+    end = start + timedelta(minutes=30)
+    slots = (Slot.parse(f"{DAYS[start.weekday()]} {start:%H:%M}-{end:%H:%M}"),)
 
     def go(domain: int) -> bool:
         return decide(
             status,
-            now=now,
+            now=clock.now(),
             slots=slots,
-            zone=ZoneInfo("Europe/Berlin"),
+            zone=berlin,
             update_domain=domain,
             spacing_minutes=30,
         ).go
 
     assert go(0)
-    assert not go(1)  # its turn is 02:30-03:00
-    later = now + timedelta(minutes=30)
-    assert decide(
-        status,
-        now=later,
-        slots=slots,
-        zone=ZoneInfo("Europe/Berlin"),
-        update_domain=1,
-        spacing_minutes=30,
-    ).go
+    assert not go(1)  # its turn is the next 30 minutes
+    clock.advance(30 * 60)
+    assert go(1)
+    assert not go(0)  # domain 0's turn is over
 
 
 def test_no_maintenance_outside_the_window_or_when_not_allowed() -> None:
-    now = datetime.now(timezone.utc)
-    slots = (Slot.parse(slot_around_now()),)
-    closed = dict(windows(), preMaintenanceWindowEndTime=iso(now - timedelta(hours=1)))
+    now = FakeClock().now()
+    slots = (Slot.parse(slot_around_now(now=now)),)
+    closed = dict(windows(now=now), preMaintenanceWindowEndTime=iso(now - timedelta(hours=1)))
     cases = {
-        "not allowed": windows(allowed=False),
+        "not allowed": windows(allowed=False, now=now),
         "has closed": closed,
     }
     for words, raw in cases.items():
@@ -127,8 +129,8 @@ def test_no_maintenance_outside_the_window_or_when_not_allowed() -> None:
 
 @pytest.fixture
 def arm_client(live: Emulator) -> Iterator[tuple[ArmClient, str]]:
-    imds = ImdsClient(live.url, retry=RetryPolicy(budget_seconds=2))
-    client = ArmClient(live.url, imds)
+    imds = ImdsClient(live.url, clock=SystemClock(), retry=RetryPolicy(budget_seconds=2))
+    client = ArmClient(live.url, imds, clock=SystemClock())
     resource_id = imds.fetch_instance_metadata().resource_id
     yield client, resource_id
     client.close()
@@ -213,8 +215,8 @@ def test_performing_when_not_allowed_is_refused(
 
 
 def test_arm_unreachable_says_so(emulator: Emulator) -> None:
-    imds = ImdsClient(emulator.url)  # a token comes: ARM itself is unreachable
-    client = ArmClient("http://127.0.0.1:9", imds)
+    imds = ImdsClient(emulator.url, clock=SystemClock())  # a token comes: ARM is unreachable
+    client = ArmClient("http://127.0.0.1:9", imds, clock=SystemClock())
     with pytest.raises(ArmError) as raised:
         client.instance_view("/subscriptions/x")
     assert raised.value.cause == "unreachable"
@@ -246,8 +248,11 @@ class Agent:
         )
         self.config = parse(data)
         self.stop = threading.Event()
-        self.imds = ImdsClient(url, stop=self.stop, retry=RetryPolicy(2, 0.02, 0.1))
-        self.arm = ArmClient(url, self.imds)
+        self.clock = SystemClock(self.stop)
+        self.imds = ImdsClient(
+            url, clock=self.clock, stop=self.stop, retry=RetryPolicy(2, 0.02, 0.1)
+        )
+        self.arm = ArmClient(url, self.imds, clock=self.clock)
         self.store = Store(":memory:" if dry_run else self.config.state.path)
         self.registry = CollectorRegistry()
         metrics = Metrics(self.registry)
@@ -258,7 +263,7 @@ class Agent:
                 config=FleetConfig(url=fleetlock, backend="fleetlock", retry_seconds=0.2),
                 store=self.store,
                 metrics=metrics,
-                clock=SystemClock(self.stop),
+                clock=self.clock,
                 stop=self.stop,
                 log=structlog.get_logger(),
             )
@@ -267,6 +272,7 @@ class Agent:
                 self.config,
                 imds=self.imds,
                 store=self.store,
+                clock=self.clock,
                 stop=self.stop,
                 log=structlog.get_logger(),
                 vm_name="web_4",

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.clock import SystemClock
 from agent.errors import DocumentError, ImdsResponseInvalid
 from agent.events import parse_document, parse_document_bytes
 from agent.imds import ImdsClient, RetryPolicy
@@ -169,7 +170,7 @@ def test_a_10_mb_document_is_refused_cleanly(
     )
     assert len(huge) > 10_000_000
     emulator.control("POST", "faults", {"body": huge, "count": 1})
-    client = ImdsClient(emulator.url, retry=RetryPolicy(budget_seconds=1))
+    client = ImdsClient(emulator.url, clock=SystemClock(), retry=RetryPolicy(budget_seconds=1))
     try:
         parse_document_bytes(huge)  # the parser itself copes; the client refuses the size
         try:
