@@ -1,5 +1,5 @@
 """Azure Resource Manager, for self-service maintenance: read the maintenance windows of this VM
-and start its maintenance (azure-facts section 6).
+and start its maintenance (docs/AZURE.md section 6).
 
 Invariants:
 - Authorised with the VM's managed identity: a token from IMDS for the management resource,

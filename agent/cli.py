@@ -1,7 +1,8 @@
 """The command line: parses arguments, builds the real collaborators, and maps errors to exit codes.
 
-Exit codes (SPEC section 3): 0 ok, 1 runtime failure, 2 usage or configuration error. An operator's
-mistake gets a one-line message saying what, where, the value seen and a hint; never a traceback.
+Exit codes (README, Commands): 0 ok, 1 runtime failure, 2 usage or configuration error.
+An operator's mistake gets a one-line message saying what, where, the value seen and a hint;
+never a traceback.
 """
 
 from __future__ import annotations

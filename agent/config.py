@@ -1,6 +1,6 @@
 """The configuration: YAML into frozen dataclasses, every problem reported at once by key path.
 
-Invariants (SPEC section 4):
+Invariants (README, Configuration):
 - Every key is optional; its default is the dataclass default, documented in
   ``config.example.yaml`` (a test loads that file and compares it with these defaults).
 - Unknown keys are errors, and so are values of the wrong type or out of range: no silent

@@ -1,7 +1,7 @@
 """The Scheduled Events model: parse a document into immutable objects, and write it back.
 
 Pure: no I/O, no clock. Invariants:
-- Parsing accepts every variation azure-facts section 2 lists (optional fields missing, RFC 1123
+- Parsing accepts every variation docs/AZURE.md section 2 lists (optional fields missing, RFC 1123
   or ISO 8601 NotBefore, a weekday that does not match the date, ``""`` NotBefore, EventIds in
   either case, unknown EventTypes and extra keys, integer or numeric-string incarnation).
 - Anything else raises :class:`~agent.errors.DocumentError`, and only that, with the JSON path

@@ -1,4 +1,4 @@
-"""Hooks: find them as run-parts does, and run one by argv with a deadline (SPEC section 5).
+"""Hooks: find them as run-parts does, and run one by argv with a deadline (hooks/README.md).
 
 Invariants:
 - Hooks run in lexical (byte) order of file name; names starting with ``.``, ending in ``~``, or

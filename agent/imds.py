@@ -1,6 +1,6 @@
 """The Instance Metadata Service client: read Scheduled Events, approve them, read the instance.
 
-Invariants (azure-facts section 1):
+Invariants (docs/AZURE.md section 1):
 - Every request carries ``Metadata: true``; proxies are never used, whatever the environment
   says (``trust_env`` is off and no proxies are ever passed).
 - One ``requests.Session``, so one kept-alive connection serves every poll. Requests are

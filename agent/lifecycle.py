@@ -89,7 +89,7 @@ def decide_approval(
     prepare_succeeded: bool,
     now: datetime,
 ) -> Decision:
-    """SPEC section 6: whether to POST StartRequests for ``event`` now, and why."""
+    """README, What the agent does: whether to POST StartRequests for ``event`` now, and why."""
     if event.status != SCHEDULED:
         return Decision(
             False, f"event is {event.status}: it has begun, nothing to approve", "started"

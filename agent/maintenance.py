@@ -1,5 +1,5 @@
 """Self-service maintenance, the pure part: weekly slots in a time zone, update-domain spacing,
-and the decision to start a maintenance now (azure-facts section 6).
+and the decision to start a maintenance now (docs/AZURE.md section 6).
 
 A slot reads ``Sun 02:00-04:00`` (day, start, end in the configured time zone; an end at or
 before the start runs past midnight). A VM in update domain ``d`` takes its turn ``d`` times

@@ -1,5 +1,5 @@
 """Self-service maintenance, the acting part: read the windows every check interval, show them,
-and, when configured, take the maintenance in this VM's slot (azure-facts section 6).
+and, when configured, take the maintenance in this VM's slot (docs/AZURE.md section 6).
 
 Invariants:
 - The windows are read at start-up and every ``maintenance.check_interval_seconds``; a change

@@ -1,6 +1,6 @@
 """The state store: SQLite, keyed by EventId (lower-cased), shared safely with ``status``.
 
-Invariants (SPEC section 6):
+Invariants (README, What the agent does):
 - Every step is written *before* it is carried out (a hook run's row before the hook starts, an
   approval's row before the POST), and its end after, so after ``kill -9`` the store tells
   exactly what finished: a hook run without an end was cut short and runs again; an approval

@@ -15,7 +15,7 @@ from agent.emulator.server import EmulatorServer
 from agent.emulator.world import World, system_now
 
 API = "2020-07-01"
-# The documented event keys, in the order Azure writes them (azure-facts section 2).
+# The documented event keys, in the order Azure writes them (docs/AZURE.md section 2).
 WIRE_ORDER = [
     "EventId",
     "EventStatus",

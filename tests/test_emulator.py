@@ -1,4 +1,5 @@
-"""The emulator over real HTTP on 127.0.0.1: the behaviours of SPEC 7 and azure-facts 1 to 5."""
+"""The emulator over real HTTP on 127.0.0.1: what README (The emulator) and docs/AZURE.md
+sections 1 to 5 say it does."""
 
 from __future__ import annotations
 

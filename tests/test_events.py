@@ -1,4 +1,5 @@
-"""The event model: each variation of azure-facts section 2 parses; the rest is a DocumentError."""
+"""The event model: each variation of docs/AZURE.md section 2 parses; the rest is a
+DocumentError."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from agent.events import (
 )
 from tests.conftest import WIRE_ORDER
 
-# The document of azure-facts section 2, byte for byte.
+# The document of docs/AZURE.md section 2, byte for byte.
 SAMPLE = (
     '{"DocumentIncarnation":192,"Events":[{"EventId":"28512AF7-C957-4500-9BC4-842D6FB531E4",'
     '"EventStatus":"Scheduled","EventType":"Reboot","ResourceType":"VirtualMachine",'

@@ -1,4 +1,4 @@
-"""Hooks as SPEC section 5 says, with real scripts in a temporary directory."""
+"""Hooks as hooks/README.md says, with real scripts in a temporary directory."""
 
 from __future__ import annotations
 

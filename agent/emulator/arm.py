@@ -1,4 +1,4 @@
-"""The emulated Azure Resource Manager side of self-service maintenance (azure-facts section 6).
+"""The emulated Azure Resource Manager side of self-service maintenance (docs/AZURE.md section 6).
 
 Serves, for the emulated VM's resourceId: ``GET {resourceId}/instanceView`` with a configurable
 ``maintenanceRedeployStatus``, ``POST {resourceId}/performMaintenance`` answered 202 with an

@@ -2,7 +2,7 @@
 
 Invariants:
 - Faults apply to requests under ``/metadata/`` only, in the order queued, each ``count`` times,
-  before every other check (SPEC section 7).
+  before every other check (README, The emulator).
 - The rate limit counts every request under ``/metadata/`` (GET and POST, whatever their answer)
   in a sliding one-second window; above the limit the answer is 429. ``/emulator/`` never counts.
 """

@@ -1,6 +1,6 @@
 """The emulator's HTTP front: IMDS's paths and checks, and the control API under ``/emulator/``.
 
-Invariants (SPEC section 7, azure-facts sections 1, 3 and 5):
+Invariants (README, The emulator, docs/AZURE.md sections 1, 3 and 5):
 - Requests under ``/metadata/`` meet, in this order: queued faults, the rate limit, the first-call
   delay, the ``Metadata: true`` and ``X-Forwarded-For`` checks, the verb, the api-version.
 - Answers are compact JSON, ``Content-Type: application/json; charset=utf-8``, always with a

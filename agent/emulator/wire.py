@@ -1,7 +1,7 @@
 """How the emulator writes what IMDS writes: api-versions, dates, field gating, compact JSON.
 
-Written apart from ``agent.events`` on purpose (SPEC section 7): nothing here is shared with the
-agent's model, so that a misreading of Azure in one is caught by the other in the tests.
+Written apart from ``agent.events`` on purpose (README, The emulator): nothing here is shared
+with the agent's model, so that a misreading of Azure in one is caught by the other in the tests.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-# azure-facts section 1: the Scheduled Events versions; nothing newer than 2020-07-01 exists.
+# docs/AZURE.md section 1: the Scheduled Events versions; nothing newer than 2020-07-01 exists.
 SCHEDULED_EVENTS_VERSIONS = (
     "2017-03-01",
     "2017-08-01",

@@ -1,6 +1,6 @@
 """The emulated platform: the events of one host's VMs, their lifecycle, approvals and incarnation.
 
-Invariants (azure-facts sections 2 to 4):
+Invariants (docs/AZURE.md sections 2 to 4):
 - State is brought up to date at the start of every request (``advance``), so approval,
   NotBefore passing and the end of an impact show in the very next request: no timer lag.
 - The incarnation changes on every change of what a document can show, and only then.
@@ -28,7 +28,7 @@ from agent.emulator.wire import (
     version_at_least,
 )
 
-# azure-facts section 4: the minimum notice of each type, the default when none is given.
+# docs/AZURE.md section 4: the minimum notice of each type, the default when none is given.
 MINIMUM_NOTICE_SECONDS = {
     "Freeze": 15 * 60,
     "Reboot": 15 * 60,

@@ -1,4 +1,4 @@
-"""IMDS faults: every status of azure-facts section 1, timeouts, resets, truncated and non-JSON
+"""IMDS faults: every status of docs/AZURE.md section 1, timeouts, resets, truncated and non-JSON
 bodies, a first call that takes 100 s, an incarnation that goes backwards, an event that
 vanishes while its hook runs. The agent never exits, and handles the next good document."""
 
