@@ -155,6 +155,7 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     from agent.exposition import MetricsServer
     from agent.imds import ImdsClient
     from agent.metrics import Metrics
+    from agent.selfservice import SelfService
     from agent.state import Store
     from agent.systemd import Notifier
 
@@ -205,11 +206,23 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
         failpoints=frozenset(name for name in failpoints.split(",") if name),
         metrics=metrics,
         notifier=Notifier(),
-        arm=arm,
-        instance=instance,
         fleet=fleet,
     )
-    daemon = Daemon(parts)
+    self_service = None
+    if arm is not None and instance is not None:
+        self_service = SelfService(
+            config=config,
+            arm=arm,
+            instance=instance,
+            store=store,
+            metrics=metrics,
+            clock=clock,
+            stop=stop,
+            log=log.bind(vm_name=vm_name),
+            dry_run=arguments.dry_run,
+            fleet=fleet,
+        )
+    daemon = Daemon(parts, self_service=self_service)
     server = None
     if config.metrics.listen is not None and not arguments.once:
         try:

@@ -57,6 +57,8 @@ class HooksConfig:
 @dataclass(frozen=True)
 class EventsConfig:
     types: tuple[str, ...] = KNOWN_TYPES
+    # An event counts as gone only after this long absent from successful polls.
+    gone_grace_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,10 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
             "tempfail_retry_seconds": _positive(600),
         },
     ),
-    "events": (EventsConfig, {"types": _types}),
+    "events": (
+        EventsConfig,
+        {"types": _types, "gone_grace_seconds": _non_negative(600)},
+    ),
     "approval": (
         ApprovalConfig,
         {

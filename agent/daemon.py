@@ -1,8 +1,17 @@
 """The daemon: poll, and carry out what the lifecycle decides. A thin shell around a pure core.
 
 Invariants:
+- What to do next for an event is ``lifecycle.next_step``'s answer, asked again before every
+  step from the newest document: a change of type, Resources, NotBefore or configuration is
+  taken into account at once, and an approval is always decided just before its POST.
 - The poll loop never waits for a hook: each event's work (prepare, approve, recover) runs in a
-  worker thread of its own, so a Preempt's 30 s notice is met while a long Reboot hook runs.
+  worker of its own (``workers.Workers``), so a Preempt's 30 s notice is met while a long
+  Reboot hook runs.
+- An event is gone only once it has been missing from successful polls for
+  ``events.gone_grace_seconds``; while an unreadable entry of the document may be one of ours
+  (it names this VM, its EventId cannot be read), nothing is declared gone.
+- An EventId that comes back after its record is done is a new occurrence, worked in full.
+- Recover hooks wait while any other event of this VM is in flight (``workers.HookGate``).
 - An unchanged document (the client hands back the very same object) costs a comparison: no
   planning, no store writes.
 - A worker moves straight from the end of its prepare hooks to the approval: it never waits
@@ -24,36 +33,48 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from agent.arm import ArmClient
 from agent.clock import Clock
 from agent.config import Config
 from agent.errors import (
-    AgentError,
     DocumentError,
     ImdsError,
     ImdsRequestRejected,
     ImdsUnavailable,
     OperationCancelled,
 )
-from agent.events import ScheduledEvent, ScheduledEventsDocument
+from agent.events import ScheduledEvent, ScheduledEventsDocument, UnreadableEvent
 from agent.fleet import FleetGate
-from agent.hooks import INTERRUPTED, HookContext, HookRunner, deadline_for, discover
-from agent.imds import ImdsClient, InstanceMetadata
+from agent.hooks import (
+    INTERRUPTED,
+    SUCCEEDED,
+    Hook,
+    HookContext,
+    HookResult,
+    HookRunner,
+    deadline_for,
+    discover,
+)
+from agent.imds import ImdsClient
 from agent.lifecycle import (
     ACTIVE,
-    APPROVED,
-    APPROVING,
-    IGNORED,
+    DONE,
+    IN_FLIGHT,
     PREPARING,
-    RECOVERING,
-    WAITING,
-    decide_approval,
-    plan,
+    Approve,
+    Move,
+    PhaseHooks,
+    Policy,
+    RunHook,
+    Situation,
+    Wait,
+    next_step,
+    relevance,
 )
 from agent.metrics import Metrics, type_label
 from agent.selfservice import SelfService, is_self_service
-from agent.state import Store
+from agent.state import EventRecord, Store
 from agent.systemd import Notifier
+from agent.workers import HookGate, Workers
 
 POLL_BUDGET_SECONDS = 5.0
 HEARTBEAT_SECONDS = 60.0
@@ -76,8 +97,6 @@ class Collaborators:
     failpoints: Collection[str] = ()
     metrics: Metrics | None = None
     notifier: Notifier | None = None
-    arm: ArmClient | None = None
-    instance: InstanceMetadata | None = None
     fleet: FleetGate | None = None
 
 
@@ -95,8 +114,6 @@ def assemble(
     failpoints: Collection[str] = (),
     metrics: Metrics | None = None,
     notifier: Notifier | None = None,
-    arm: ArmClient | None = None,
-    instance: InstanceMetadata | None = None,
     fleet: FleetGate | None = None,
 ) -> Collaborators:
     """The daemon's parts for ``config``, on ``clock``, with a hook runner set from it."""
@@ -121,27 +138,37 @@ def assemble(
         failpoints=failpoints,
         metrics=metrics,
         notifier=notifier,
-        arm=arm,
-        instance=instance,
         fleet=fleet,
     )
 
 
 class Daemon:
-    def __init__(self, parts: Collaborators) -> None:
+    def __init__(self, parts: Collaborators, *, self_service: SelfService | None = None) -> None:
         self._parts = parts
         self._config = parts.config
         self._store = parts.store
         self._clock = parts.clock
         self._stop = parts.stop
         self._log = parts.log.bind(vm_name=parts.vm_name)
+        self._policy = Policy(
+            vm_name=parts.vm_name,
+            types=parts.config.events.types,
+            mode=parts.config.approval.mode,
+            shared_events=parts.config.approval.shared_events,
+            dry_run=parts.dry_run,
+        )
         self._latest: ScheduledEventsDocument | None = None
         self._handled: ScheduledEventsDocument | None = None
         self._resumed = False
-        self._gone: set[str] = set()
-        self._workers: dict[str, threading.Thread] = {}
-        self._wakeups: dict[str, int] = {}
-        self._workers_lock = threading.Lock()
+        # Taking in a document and a record reaching its end both create records: one at a time.
+        self._intake = threading.RLock()
+        self._absent_since: dict[str, float] = {}  # key -> when it was first missing (monotonic)
+        self._gone: set[str] = set()  # keys missing for the whole grace (or ended by self-service)
+        self._unreadable_seen: set[tuple[str, str, str | None]] = set()
+        self._waits_told: dict[str, str] = {}
+        self._workers = Workers(self._step, stop=parts.stop, on_error=self._work_failed)
+        self._gate = HookGate()
+        self._approval_failed = False
         self._last_failure: str | None = None
         self._last_heartbeat = float("-inf")
         self._metrics = parts.metrics if parts.metrics is not None else Metrics(CollectorRegistry())
@@ -152,22 +179,9 @@ class Daemon:
         self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
         self._fleet = parts.fleet
         self._once = False
-        self.self_service: SelfService | None = None
-        if parts.arm is not None and parts.instance is not None:
-            self.self_service = SelfService(
-                config=parts.config,
-                arm=parts.arm,
-                instance=parts.instance,
-                store=parts.store,
-                metrics=self._metrics,
-                clock=parts.clock,
-                stop=parts.stop,
-                log=self._log,
-                dry_run=parts.dry_run,
-                fleet=parts.fleet,
-                run_prepare=lambda event: self._run_phase("prepare", event),
-                recover=lambda key: self._ensure_worker(key, gone=True),
-            )
+        self.self_service = self_service
+        if self_service is not None:
+            self_service.attach(run_prepare=self.run_prepare, over=self.end_self_service)
 
     # The loop ------------------------------------------------------------------------------
 
@@ -204,7 +218,7 @@ class Daemon:
         self._notifier.stopping()
         if watcher is not None:
             watcher.join(timeout=60)
-        self._join_workers()
+        self._workers.join()
         self._log.info("agent.stopped")
         return 0
 
@@ -241,17 +255,25 @@ class Daemon:
         return text
 
     def run_once(self) -> int:
-        """One poll, handled fully: every worker it starts runs to its end."""
+        """One poll, handled fully: every worker it starts runs to its end. An event missing
+        from the document is polled for until its grace is over, so that it is recovered now.
+
+        1 when the poll failed or an approval could not be sent."""
         self._once = True  # no waiting for a fleet slot: the next run tries again
         if self._fleet is not None:
             self._fleet.resume(self._fleet_needed())
         if self.self_service is not None:
             self.self_service.resume()
         ok = self.poll(budget_seconds=10.0)
+        interval = self._config.imds.poll_interval_seconds
+        while ok and self._absent_since and not self._stop.is_set():
+            self._workers.join()
+            self._clock.wait(interval)
+            ok = self.poll(budget_seconds=10.0)
         if self.self_service is not None and self._config.maintenance.check_interval_seconds > 0:
             self.self_service.check()
-        self._join_workers()
-        return 0 if ok else 1
+        self._workers.join()
+        return 0 if ok and not self._approval_failed else 1
 
     def poll(self, budget_seconds: float = POLL_BUDGET_SECONDS) -> bool:
         started = self._clock.monotonic()
@@ -277,6 +299,7 @@ class Daemon:
             self._handle(document)
             self._handled = document
             self._refresh_gauges()
+        self._expire_absent(document)
         self._last_success = self._clock.monotonic()
         self._metrics.poll(
             "changed" if changed else "unchanged",
@@ -319,7 +342,8 @@ class Daemon:
         latest = self._latest
         if latest is None:
             return
-        mine = latest.affecting(self._parts.vm_name)
+        vm_name = self._parts.vm_name
+        mine = latest.affecting(vm_name)
         approved = []
         prepare_failed = 0
         for event in mine:
@@ -328,6 +352,8 @@ class Daemon:
             runs = self._store.hook_runs(event.key, "prepare")
             if any(run.outcome not in (None, "succeeded", "interrupted") for run in runs):
                 prepare_failed += 1
+        # An entry that cannot be read but names this VM is never approved: a failed prepare.
+        prepare_failed += sum(1 for entry in latest.unreadable if entry.may_affect(vm_name))
         self._metrics.document(latest.incarnation, mine, approved, prepare_failed)
 
     def _heartbeat(self, document: ScheduledEventsDocument) -> None:
@@ -341,210 +367,313 @@ class Daemon:
             vm_name=self._parts.vm_name,
         )
 
+    # Taking in a document ------------------------------------------------------------------
+
     def _handle(self, document: ScheduledEventsDocument) -> None:
+        with self._intake:
+            self._report_unreadable(document.unreadable)
+            present = {event.key for event in document.events} | document.unreadable_ids()
+            for event in document.events:
+                self._absent_since.pop(event.key, None)
+                self._gone.discard(event.key)
+                self._take_in(event, document.incarnation)
+            for key in document.unreadable_ids():
+                self._absent_since.pop(key, None)
+                self._gone.discard(key)
+            now = self._clock.monotonic()
+            unfinished = self._store.known_unfinished()
+            for key in unfinished:
+                if not is_self_service(key) and key not in present and key not in self._gone:
+                    self._absent_since.setdefault(key, now)
+            self._resumed = True
+        # Every unfinished event looks again: the document may have changed what it needs,
+        # and work that failed unexpectedly is taken up again here.
+        for key in unfinished:
+            self._workers.wake(key)
+
+    def _take_in(self, event: ScheduledEvent, incarnation: int) -> None:
+        """Record an event of the newest document: new, a new occurrence, or a new form."""
         now = self._clock.now()
-        # Self-service maintenances are never in the IMDS document: they end another way.
-        known = {
-            key: value
-            for key, value in self._store.known_unfinished().items()
-            if not is_self_service(key)
-        }
-        changes = plan(document, known, self._parts.vm_name, self._config.events.types)
-        for event, relevance in changes.discovered:
-            if self._store.get(event.key) is not None:
-                # Seen before and finished: an event is never worked twice.
-                self._log.warning("event.reappeared", event_id=event.event_id)
-                continue
-            late = relevance.relevant and (
-                event.status != "Scheduled"
-                or (event.not_before is not None and event.not_before <= now)
-            )
-            self._metrics.seen(event, late=late)
+        record = self._store.get(event.key)
+        if record is not None and record.state != DONE:
+            if record.event != event:
+                self._store.update_event(event, incarnation, now)
+                name = "event.started" if event.status == "Started" else "event.changed"
+                self._log.info(
+                    name,
+                    event_id=event.event_id,
+                    status=event.status,
+                    event_type=event.event_type,
+                    not_before=event.not_before_text,
+                    resources=list(event.resources),
+                )
+            return
+        fit = relevance(event, self._parts.vm_name, self._config.events.types)
+        late = fit.relevant and (
+            event.status != "Scheduled"
+            or (event.not_before is not None and event.not_before <= now)
+        )
+        self._metrics.seen(event, late=late)
+        if record is None:
             self._store.discover(
                 event,
-                relevant=relevance.relevant,
-                reason=relevance.reason,
-                document_incarnation=document.incarnation,
+                relevant=fit.relevant,
+                reason=fit.reason,
+                document_incarnation=incarnation,
                 now=now,
             )
-            self._log.info(
-                "event.discovered" if relevance.relevant else "event.ignored",
-                event_id=event.event_id,
-                event_type=event.event_type,
-                status=event.status,
-                not_before=event.not_before_text,
-                resources=list(event.resources),
-                reason=relevance.reason,
+        else:
+            # Back after it was over: a new occurrence, worked in full. Never ignored.
+            record = self._store.new_occurrence(
+                event,
+                relevant=fit.relevant,
+                reason=fit.reason,
+                document_incarnation=incarnation,
+                now=now,
             )
-            if relevance.relevant:
-                self._ensure_worker(event.key)
-                awaiting = self.self_service.awaiting_redeploy if self.self_service else None
-                if awaiting is not None and event.event_type == "Redeploy":
-                    # The Redeploy that follows our performMaintenance: when it leaves, the VM
-                    # is back and the self-service maintenance is over.
-                    self._redeploy_for[event.key] = awaiting
-                    if self.self_service is not None:
-                        self.self_service.awaiting_redeploy = None
-        for event in changes.changed:
-            self._store.update_event(event, document.incarnation, now)
-            name = "event.started" if event.status == "Started" else "event.changed"
-            self._log.info(name, event_id=event.event_id, status=event.status)
-        for key in changes.gone:
-            state, last = known[key]
-            self._log.info("event.gone", event_id=last.event_id if last else key, state=state)
-            if state == IGNORED:
-                self._store.move(key, "gone", now)
-            else:
-                self._ensure_worker(key, gone=True)
-            if key in self._redeploy_for:
-                self._ensure_worker(self._redeploy_for.pop(key), gone=True)
-        if not self._resumed:
-            self._resumed = True
-            for key, (state, _) in known.items():
-                if state in ACTIVE:
-                    self._ensure_worker(key)
+            self._log.warning(
+                "event.new_occurrence", event_id=event.event_id, occurrence=record.occurrence
+            )
+        self._log.info(
+            "event.discovered" if fit.relevant else "event.ignored",
+            event_id=event.event_id,
+            event_type=event.event_type,
+            status=event.status,
+            not_before=event.not_before_text,
+            resources=list(event.resources),
+            reason=fit.reason,
+        )
+        if fit.relevant and event.event_type == "Redeploy" and self.self_service is not None:
+            awaited = self.self_service.take_awaiting_redeploy()
+            if awaited is not None:
+                # The Redeploy that follows our performMaintenance: when it leaves, the VM
+                # is back and the self-service maintenance is over.
+                self._redeploy_for[event.key] = awaited
+        self._workers.wake(event.key)
 
-    # Workers -------------------------------------------------------------------------------
+    def _report_unreadable(self, entries: tuple[UnreadableEvent, ...]) -> None:
+        """Say once, with its JSON path, that an entry of the document cannot be read."""
+        for entry in entries:
+            if entry.signature() in self._unreadable_seen:
+                continue
+            self._unreadable_seen.add(entry.signature())
+            self._metrics.unreadable_events.inc()
+            mine = entry.may_affect(self._parts.vm_name)
+            self._log.error(
+                "document.unreadable",
+                path=entry.path,
+                reason=entry.reason,
+                event_id=entry.event_id,
+                resources=list(entry.resources) if entry.resources is not None else None,
+                consequence=(
+                    "it names this VM: it is counted as a failed prepare and never approved"
+                    if mine
+                    else "it is skipped; the other events are handled"
+                ),
+            )
 
-    def _ensure_worker(self, key: str, *, gone: bool = False) -> None:
-        with self._workers_lock:
-            if gone:
-                self._gone.add(key)
-            # A running worker sees the wakeup before it finishes, and takes another step.
-            self._wakeups[key] = self._wakeups.get(key, 0) + 1
-            if key in self._workers:
-                return
-            worker = threading.Thread(target=self._work, args=(key,), name=f"event-{key[:8]}")
-            self._workers[key] = worker
-            worker.start()
+    def _expire_absent(self, document: ScheduledEventsDocument) -> None:
+        """Events missing for the whole grace are gone; checked on every successful poll."""
+        if not self._absent_since:
+            return
+        vm_name = self._parts.vm_name
+        if any(e.event_id is None and e.may_affect(vm_name) for e in document.unreadable):
+            return  # it may be one of ours, under an EventId we cannot read: wait and see
+        now = self._clock.monotonic()
+        grace = self._config.events.gone_grace_seconds
+        gone = []
+        with self._intake:
+            for key, since in list(self._absent_since.items()):
+                if now - since >= grace:
+                    del self._absent_since[key]
+                    self._gone.add(key)
+                    gone.append((key, now - since))
+        for key, absent in gone:
+            record = self._store.get(key)
+            self._log.info(
+                "event.gone",
+                event_id=record.event_id if record else key,
+                state=record.state if record else None,
+                absent_seconds=round(absent, 1),
+            )
+            self._workers.wake(key)
+            awaited = self._redeploy_for.pop(key, None)
+            if awaited is not None:
+                self.end_self_service(awaited)
 
-    def _join_workers(self) -> None:
-        while True:
-            with self._workers_lock:
-                workers = list(self._workers.values())
-            if not workers:
-                return
-            for worker in workers:
-                worker.join()
+    def end_self_service(self, key: str) -> None:
+        """A self-service maintenance is over (or cut short): its recover hooks are due."""
+        with self._intake:
+            self._gone.add(key)
+        self._workers.wake(key)
 
-    def _work(self, key: str) -> None:
-        try:
-            while not self._stop.is_set():
-                with self._workers_lock:
-                    wakeups = self._wakeups.get(key, 0)
-                if self._step(key):
-                    continue
-                with self._workers_lock:
-                    if self._wakeups.get(key, 0) == wakeups:
-                        self._workers.pop(key, None)
-                        return
-        except AgentError as error:
-            self._log.error("event.work_failed", event_id=key, reason=str(error))
-        finally:
-            with self._workers_lock:
-                self._workers.pop(key, None)
+    # Work on one event ---------------------------------------------------------------------
+
+    def _situation(self, record: EventRecord) -> Situation:
+        key = record.key
+        synthetic = is_self_service(key)
+        latest = self._latest
+        current = None if synthetic or latest is None else latest.find(record.event_id)
+        unreadable = (
+            not synthetic
+            and current is None
+            and latest is not None
+            and key in latest.unreadable_ids()
+        )
+        in_flight = any(
+            other != key and state in IN_FLIGHT
+            for other, (state, _) in self._store.known_unfinished().items()
+        )
+        return Situation(
+            state=record.state,
+            event=current if current is not None else record.event,
+            present=key not in self._gone and (synthetic or record.gone_at is None),
+            readable=not unreadable,
+            self_service=synthetic,
+            prepare=self._phase_hooks(key, "prepare"),
+            recover=self._phase_hooks(key, "recover"),
+            approval_may_have_landed=self._store.approval_may_have_landed(key),
+            others_in_flight=in_flight,
+            recover_running=self._gate.recover_running(key),
+            now=self._clock.now(),
+        )
+
+    def _hooks(self, phase: str) -> list[Hook]:
+        settings = self._config.hooks
+        directory = Path(settings.prepare_dir if phase == "prepare" else settings.recover_dir)
+        return discover(directory, check_ownership=self._parts.check_ownership)
+
+    def _phase_hooks(self, key: str, phase: str) -> PhaseHooks:
+        latest: dict[str, str | None] = {}
+        for run in self._store.hook_runs(key, phase):
+            latest[run.hook] = run.outcome
+        return PhaseHooks(tuple(hook.name for hook in self._hooks(phase)), latest)
 
     def _step(self, key: str) -> bool:
         """Carry out the next step of one event; False when there is nothing more to do now."""
         record = self._store.get(key)
         if record is None:
             return False
-        now = self._clock.now()
-        gone = key in self._gone or record.gone_at is not None
-        if record.state == PREPARING:
-            if gone and not self._store.hook_runs(key, "prepare"):
-                self._store.move(key, "gone_before_hooks", now)
-                self._release_slot(key)
-                self._log.info(
-                    "event.done", event_id=record.event_id, reason="left before any hook ran"
-                )
-                return False
-            succeeded = self._run_phase("prepare", record.event)
-            if succeeded is None:
-                return False
-            return self._decide(record.event, succeeded, gone=key in self._gone)
-        if record.state == APPROVING:
-            if gone:
-                return self._abandon(key, "event left the document", "skipped", "event_left")
-            return self._approve(self._current(record.event))
-        if record.state in (APPROVED, WAITING):
-            if not gone:
-                return False  # nothing to do until the event leaves
-            self._store.move(key, "gone", now)
-            return True
-        if record.state == RECOVERING:
-            succeeded = self._run_phase("recover", record.event)
-            if succeeded is None:
-                return False
-            self._store.move(key, "recovered", self._clock.now())
-            self._log.info(
-                "event.recovered" if succeeded else "event.recover_failed",
-                event_id=record.event_id,
-            )
-            self._release_slot(key)
-            return False
+        step = next_step(self._situation(record), self._policy)
+        if isinstance(step, RunHook):
+            return self._run_hook(record, step.phase, step.name)
+        if isinstance(step, Approve):
+            return self._approve(record, step)
+        if isinstance(step, Move):
+            return self._move(record, step)
+        if isinstance(step, Wait) and self._waits_told.get(key) != step.reason:
+            self._waits_told[key] = step.reason
+            self._log.info("event.waiting", event_id=record.event_id, reason=step.reason)
         return False
 
-    def _current(self, event: ScheduledEvent) -> ScheduledEvent:
-        """The event's form in the newest document, or the stored one."""
-        latest = self._latest
-        found = latest.find(event.event_id) if latest is not None else None
-        return found if found is not None else event
-
-    def _decide(self, stored: ScheduledEvent, prepare_succeeded: bool, *, gone: bool) -> bool:
-        event = self._current(stored)
+    def _move(self, record: EventRecord, step: Move) -> bool:
+        key = record.key
         now = self._clock.now()
-        approval = self._config.approval
-        if gone:
-            approve, reason, code = False, "event left the document", "event_left"
-        else:
-            decision = decide_approval(
-                event,
-                vm_name=self._parts.vm_name,
-                mode=approval.mode,
-                shared_events=approval.shared_events,
-                prepare_succeeded=prepare_succeeded,
-                now=now,
+        event = self._current(record)
+        reason, code = step.reason, step.code
+        decision = None
+        if step.trigger in ("prepared_approve", "prepared_no_approval", "approval_abandoned"):
+            if (
+                step.trigger == "approval_abandoned"
+                and self._fleet is not None
+                and self._fleet.waiting(key)
+            ):
+                missed = code in ("not_before_passed", "started")
+                self._fleet.stop_waiting(key, missed=missed)
+                if missed:
+                    reason, code = (
+                        f"no fleet slot before the event began ({reason})",
+                        "no_fleet_slot",
+                    )
+            if step.trigger != "approval_abandoned":
+                self._log.info(
+                    "event.approval_decision",
+                    event_id=record.event_id,
+                    approve=step.trigger == "prepared_approve",
+                    reason=reason,
+                )
+                self._failpoint("after-prepare")
+            elif code == "dry_run":
+                self._log.info("event.would_approve", event_id=record.event_id)
+            elif code == "already_sent":
+                # A POST went out before a restart and was never recorded back: it may have
+                # landed, and an event is never approved twice.
+                self._log.warning("event.approval_not_repeated", event_id=record.event_id)
+            else:
+                self._log.info("event.approval_abandoned", event_id=record.event_id, reason=reason)
+            decision = reason
+        elif step.trigger == "gone" and record.state == PREPARING:
+            self._log.info("event.prepare_cut_short", event_id=record.event_id)
+        elif step.trigger in ("no_longer_relevant", "irrelevant_before_hooks", "became_relevant"):
+            self._log.info(
+                "event.relevance_changed",
+                event_id=record.event_id,
+                relevant=step.trigger == "became_relevant",
+                reason=reason,
             )
-            approve, reason, code = decision.approve, decision.reason, decision.code
-        if not approve:
-            self._metrics.approval("skipped", code)
+        if step.outcome is not None and code is not None:
+            self._metrics.approval(step.outcome, code)
             if code == "not_before_passed":
                 self._metrics.events_late.labels(type=type_label(event.event_type)).inc()
-        self._log.info(
-            "event.approval_decision", event_id=event.event_id, approve=approve, reason=reason
-        )
-        self._failpoint("after-prepare")
-        trigger = "prepared_approve" if approve else "prepared_no_approval"
-        self._store.move(event.key, trigger, now, decision=reason)
+        relevance_reason = reason if step.trigger in _RELEVANCE_TRIGGERS else None
+        state = self._store.move(key, step.trigger, now, decision=decision, reason=relevance_reason)
+        if step.trigger == "recovered":
+            self._log.info(
+                "event.recovered"
+                if reason == "recover hooks succeeded"
+                else "event.recover_failed",
+                event_id=record.event_id,
+            )
+        if state == DONE:
+            self._finished(record, reason)
         self._refresh_gauges()
-        return True
+        self._wake_others(key)
+        return state != DONE
 
-    def _approve(self, event: ScheduledEvent) -> bool:
-        now = self._clock.now()
-        key = event.key
-        if self._store.approval_may_have_landed(key):
-            # A POST went out before a restart and was never recorded back: it may have
-            # landed, and an event is never approved twice.
-            self._log.warning("event.approval_not_repeated", event_id=event.event_id)
-            return self._abandon(key, "approval sent before a restart", "skipped", "already_sent")
-        if event.status != "Scheduled":
-            return self._abandon(key, f"event is {event.status}", "skipped", "started")
-        budget = (event.not_before - now).total_seconds() if event.not_before else 0.0
-        if budget <= 0:
-            return self._abandon(key, "NotBefore has passed", "skipped", "not_before_passed")
-        if self._parts.dry_run:
-            self._log.info("event.would_approve", event_id=event.event_id)
-            return self._abandon(key, "dry run", "skipped", "dry_run")
-        if self._fleet is not None and not self._fleet.hold(key, event.event_id):
-            if self._once:
-                return False  # left approving: the next run asks for a slot again
-            # No slot (or no answer from the coordinator): no early approval now; ask again.
-            self._clock.wait(min(self._fleet.retry_seconds, budget))
-            return True
-        approval_id = self._store.approval_started(key, "agent", now)
+    def _finished(self, record: EventRecord, reason: str) -> None:
+        """The record is done: its slot and the recover gate are free, and if its EventId is
+        in the document again, that is a new occurrence."""
+        key = record.key
+        self._gate.recover_finished(key)
+        if self._fleet is not None:
+            self._fleet.release(key)
+        if record.state != "recovering":
+            self._log.info("event.done", event_id=record.event_id, reason=reason)
+        latest = self._latest
+        event = None if latest is None or is_self_service(key) else latest.find(record.event_id)
+        if event is not None and key not in self._gone:
+            with self._intake:
+                self._take_in(event, latest.incarnation if latest is not None else 0)
+
+    def _wake_others(self, key: str) -> None:
+        for other in self._store.known_unfinished():
+            if other != key:
+                self._workers.wake(other)
+
+    def _current(self, record: EventRecord) -> ScheduledEvent:
+        """The event's form in the newest document, or the stored one."""
+        latest = self._latest
+        if latest is None or is_self_service(record.key):
+            return record.event
+        found = latest.find(record.event_id)
+        return found if found is not None else record.event
+
+    def _approve(self, record: EventRecord, step: Approve) -> bool:
+        key = record.key
+        event = self._current(record)
+        if self._fleet is not None:
+            had_slot = self._fleet.holds(key)
+            if not self._fleet.hold(key, event.event_id):
+                if self._once:
+                    return False  # left approving: the next run asks for a slot again
+                # No slot (or no answer from the coordinator): no early approval now; ask again.
+                self._clock.wait(min(self._fleet.retry_seconds, max(step.budget_seconds, 0.1)))
+                return True
+            if not had_slot:
+                return True  # the slot took a while to get: decide again before the POST
+        approval_id = self._store.approval_started(key, "agent", self._clock.now())
         try:
-            self._parts.imds.approve([event.event_id], budget_seconds=budget)
+            self._parts.imds.approve([event.event_id], budget_seconds=step.budget_seconds)
         except OperationCancelled:
             self._store.approval_finished(approval_id, "interrupted", self._clock.now())
             return False
@@ -553,7 +682,16 @@ class Daemon:
             outcome = "refused" if refused else "failed"
             self._store.approval_finished(approval_id, outcome, self._clock.now(), str(error))
             self._log.error("event.approval_failed", event_id=event.event_id, reason=str(error))
-            return self._abandon(key, str(error), "failed", outcome if refused else "unavailable")
+            self._approval_failed = True
+            return self._move(
+                record,
+                Move(
+                    "approval_abandoned",
+                    str(error),
+                    "failed",
+                    outcome if refused else "unavailable",
+                ),
+            )
         self._failpoint("after-approval")
         landed = self._clock.now()
         self._store.approval_finished(approval_id, "succeeded", landed)
@@ -562,70 +700,95 @@ class Daemon:
         self._metrics.approval("succeeded", "posted", lead)
         self._refresh_gauges()
         self._log.info("event.approved", event_id=event.event_id, lead_seconds=lead)
+        self._wake_others(key)
         return True
 
-    def _abandon(self, key: str, reason: str, outcome: str, code: str) -> bool:
-        """No approval for this event after all: record why, and count it."""
-        if self._fleet is not None and self._fleet.waiting(key):
-            missed = code in ("not_before_passed", "started")
-            self._fleet.stop_waiting(key, missed=missed)
-            if missed:
-                reason, code = f"no fleet slot before the event began ({reason})", "no_fleet_slot"
-        self._store.move(key, "approval_abandoned", self._clock.now(), decision=reason)
-        self._metrics.approval(outcome, code)
-        return True
+    def _run_hook(self, record: EventRecord, phase: str, name: str) -> bool:
+        """Run one hook for the event, once the gate lets it start; True when it ran."""
+        key = record.key
+        hook = next((hook for hook in self._hooks(phase) if hook.name == name), None)
+        if hook is None:
+            return True  # gone from the directory meanwhile: decide again
+        if phase == "prepare":
+            if not self._gate.try_prepare(key):
+                return False  # a recover hook runs: woken when it ends
+        elif not self._gate.try_recover(key, lambda: self._others_in_flight(key)):
+            return False  # woken when the other event moves on
+        try:
+            if not self._store.hook_runs(key, phase):
+                self._failpoint(f"before-{phase}-hooks")
+            result = self._run_one(hook, phase, self._current(record))
+        finally:
+            self._gate.hook_ended(key, phase)
+            self._wake_others(key)
+        return result.outcome != INTERRUPTED
 
-    def _release_slot(self, key: str) -> None:
-        """The event is over and recovered: its hold on the fleet slot ends."""
-        if self._fleet is not None:
-            self._fleet.release(key)
-
-    def _run_phase(self, phase: str, stored: ScheduledEvent) -> bool | None:
-        """Run a phase's hooks in order, skipping those that already succeeded for this event.
-
-        True when all succeeded (no hooks counts), False at the first failure, None if stopped.
-        """
-        hooks_config = self._config.hooks
-        directory = Path(
-            hooks_config.prepare_dir if phase == "prepare" else hooks_config.recover_dir
+    def _others_in_flight(self, key: str) -> bool:
+        return any(
+            other != key and state in IN_FLIGHT
+            for other, (state, _) in self._store.known_unfinished().items()
         )
-        hooks = discover(directory, check_ownership=self._parts.check_ownership, log=self._log)
-        done = self._store.succeeded_hooks(stored.key, phase)
-        self._failpoint(f"before-{phase}-hooks")
-        for hook in hooks:
-            if hook.name in done:
-                continue
-            if self._stop.is_set():
-                return None
-            if phase == "prepare" and stored.key in self._gone:
-                self._log.info(
-                    "event.prepare_cut_short", event_id=stored.event_id, next_hook=hook.name
-                )
-                return False
-            event = self._current(stored)
-            now = self._clock.now()
-            deadline = deadline_for(phase, event, now, hooks_config.timeout_seconds)
-            if self._parts.dry_run:
-                self._log.info(
-                    "hook.would_run", hook=hook.name, phase=phase, event_id=event.event_id
-                )
-                continue
+
+    def _run_one(self, hook: Hook, phase: str, event: ScheduledEvent) -> HookResult:
+        now = self._clock.now()
+        deadline = deadline_for(phase, event, now, self._config.hooks.timeout_seconds)
+        run_id = self._store.hook_started(event.key, phase, hook.name, now, deadline)
+        if self._parts.dry_run:
+            self._log.info("hook.would_run", hook=hook.name, phase=phase, event_id=event.event_id)
+            result = HookResult(hook.name, SUCCEEDED, None, 0, "dry run: not run", now, now)
+        else:
             incarnation = self._latest.incarnation if self._latest is not None else 0
-            run_id = self._store.hook_started(stored.key, phase, hook.name, now, deadline)
             result = self._parts.hooks.run(
                 hook, HookContext(phase, event, self._parts.vm_name, incarnation, deadline)
             )
-            self._store.hook_finished(run_id, result)
             self._metrics.hook_run(
                 phase, result.outcome, (result.ended_at - result.started_at).total_seconds()
             )
+        self._store.hook_finished(run_id, result)
+        return result
+
+    def run_prepare(self, event: ScheduledEvent) -> bool | None:
+        """Run the prepare hooks of a self-service maintenance in the caller's thread.
+
+        True when all succeeded (no hooks counts), False at the first failure, None if stopped.
+        """
+        while True:
+            name, succeeded = self._phase_hooks(event.key, "prepare").progress()
+            if name is None:
+                return succeeded
+            if self._stop.is_set():
+                return None
+            hook = next((hook for hook in self._hooks("prepare") if hook.name == name), None)
+            if hook is None:
+                continue
+            if not self._gate.try_prepare(event.key):
+                self._clock.wait(0.2)  # a recover hook runs: prepare after it
+                continue
+            try:
+                result = self._run_one(hook, "prepare", event)
+            finally:
+                self._gate.hook_ended(event.key, "prepare")
+                self._wake_others(event.key)
             if result.outcome == INTERRUPTED:
                 return None
-            if not result.succeeded:
-                return False
-        return True
+
+    def _work_failed(self, key: str, error: BaseException) -> None:
+        """An unexpected error in an event's work: logged with its traceback, counted; the
+        event is taken up again on the next changed document."""
+        self._metrics.work_failures.inc()
+        self._gate.recover_finished(key)
+        self._log.error(
+            "event.work_failed",
+            event_id=key,
+            reason=f"{type(error).__name__}: {error}",
+            consequence="the event is taken up again on the next changed document",
+            exc_info=error,
+        )
 
     def _failpoint(self, name: str) -> None:
         """Testing aid: die here, as ``kill -9`` would, when asked to (see tests/test_crash.py)."""
         if name in self._parts.failpoints:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+_RELEVANCE_TRIGGERS = ("became_relevant", "irrelevant_before_hooks", "no_longer_relevant")

@@ -4,8 +4,15 @@ Pure: no I/O, no clock. Invariants:
 - Parsing accepts every variation docs/AZURE.md section 2 lists (optional fields missing, RFC 1123
   or ISO 8601 NotBefore, a weekday that does not match the date, ``""`` NotBefore, EventIds in
   either case, unknown EventTypes and extra keys, integer or numeric-string incarnation).
-- Anything else raises :class:`~agent.errors.DocumentError`, and only that, with the JSON path
-  of the offending part.
+- One event that cannot be read never hides its siblings: it is kept aside as an
+  :class:`UnreadableEvent` (its JSON path, the reason, and its EventId and Resources when those
+  can be read), and every well-formed event is parsed. An EventId that appears twice makes
+  every copy unreadable: which one is meant cannot be known.
+- Where the meaning is unambiguous, a value is coerced: an integral float (``5.0``) is an
+  integer.
+- A document that is not one at all (not an object, no ``Events`` list, an incarnation that is
+  not an integer from 0 to 2^63-1) raises :class:`~agent.errors.DocumentError`, and only that,
+  with the JSON path of the offending part.
 - EventIds are kept exactly as received (they are echoed back in approvals) and compared
   case-insensitively through :attr:`ScheduledEvent.key`.
 - ``to_wire`` writes an event back with its fields as received, so a well-formed document
@@ -60,7 +67,9 @@ _ISO8601 = re.compile(
     r"^\s*(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
     r"(Z|z|[+-]\d{2}:?\d{2})?\s*$"
 )
-_DIGITS = re.compile(r"^\s*\d+\s*$")
+_DIGITS = re.compile(r"^\s*\d{1,19}\s*$")
+# SQLite keeps integers in 64 bits: a larger incarnation is no incarnation Azure would write.
+MAX_INCARNATION = 2**63 - 1
 _SIGNED_DIGITS = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -163,12 +172,42 @@ class ScheduledEvent:
 
 
 @dataclass(frozen=True)
+class UnreadableEvent:
+    """An entry of ``Events`` that could not be read; what could be read of it is kept."""
+
+    path: str
+    reason: str
+    event_id: str | None = None
+    resources: tuple[str, ...] | None = None
+
+    @property
+    def key(self) -> str | None:
+        return None if self.event_id is None else self.event_id.lower()
+
+    def may_affect(self, vm_name: str) -> bool:
+        """True when its Resources can be read and name ``vm_name``."""
+        wanted = vm_name.lower()
+        return self.resources is not None and any(
+            _resource_name(name) == wanted for name in self.resources
+        )
+
+    def signature(self) -> tuple[str, str, str | None]:
+        return (self.path, self.reason, self.event_id)
+
+
+@dataclass(frozen=True)
 class ScheduledEventsDocument:
-    """A whole document: its incarnation and its events, in the order received."""
+    """A whole document: its incarnation, its readable events in the order received, and the
+    entries that could not be read."""
 
     incarnation: int
     events: tuple[ScheduledEvent, ...]
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    unreadable: tuple[UnreadableEvent, ...] = ()
+
+    def unreadable_ids(self) -> frozenset[str]:
+        """The keys of the unreadable entries whose EventId could be read."""
+        return frozenset(entry.key for entry in self.unreadable if entry.key is not None)
 
     def find(self, event_id: str) -> ScheduledEvent | None:
         wanted = event_id.lower()
@@ -215,31 +254,72 @@ def _parse_document(data: object) -> ScheduledEventsDocument:
     raw_events = data["Events"]
     if not isinstance(raw_events, list):
         raise DocumentError(f"expected a list, got {_json_type(raw_events)}", path="$.Events")
-    events = tuple(_parse_event(raw, f"$.Events[{index}]") for index, raw in enumerate(raw_events))
-    seen: dict[str, int] = {}
-    for index, event in enumerate(events):
-        if event.key in seen:
-            raise DocumentError(
-                f"EventId {event.event_id!r} repeats $.Events[{seen[event.key]}]",
-                path=f"$.Events[{index}].EventId",
+    parsed: list[tuple[int, ScheduledEvent]] = []
+    unreadable: list[UnreadableEvent] = []
+    for index, raw in enumerate(raw_events):
+        path = f"$.Events[{index}]"
+        try:
+            parsed.append((index, _parse_event(raw, path)))
+        except DocumentError as error:
+            unreadable.append(_unreadable(raw, error.path, error.reason))
+    where: dict[str, list[int]] = {}
+    for index, event in parsed:
+        where.setdefault(event.key, []).append(index)
+    events = []
+    for index, event in parsed:
+        copies = where[event.key]
+        if len(copies) == 1:
+            events.append(event)
+            continue
+        others = ", ".join(f"$.Events[{other}]" for other in copies if other != index)
+        unreadable.append(
+            UnreadableEvent(
+                f"$.Events[{index}].EventId",
+                f"EventId {event.event_id!r} repeats {others}",
+                event.event_id,
+                event.resources,
             )
-        seen[event.key] = index
+        )
     extra = {
         key: value for key, value in data.items() if key not in ("DocumentIncarnation", "Events")
     }
-    return ScheduledEventsDocument(incarnation, events, _freeze(extra))
+    unreadable.sort(key=lambda entry: _index_of(entry.path))
+    return ScheduledEventsDocument(incarnation, tuple(events), _freeze(extra), tuple(unreadable))
+
+
+def _index_of(path: str) -> int:
+    match = re.match(r"^\$\.Events\[(\d+)\]", path)
+    return int(match.group(1)) if match else -1
+
+
+def _unreadable(raw: object, path: str, reason: str) -> UnreadableEvent:
+    """What can still be read of an event that cannot be parsed: its EventId and Resources."""
+    event_id = None
+    resources = None
+    if isinstance(raw, dict):
+        value = raw.get("EventId")
+        if isinstance(value, str) and value.strip():
+            event_id = value
+        names = raw.get("Resources")
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            resources = tuple(names)
+    return UnreadableEvent(path, reason, event_id, resources)
 
 
 def _parse_incarnation(value: object) -> int:
     path = "$.DocumentIncarnation"
     if isinstance(value, bool):
         raise DocumentError("expected an integer, got a boolean", path=path)
-    if isinstance(value, int):
-        if value < 0:
-            raise DocumentError(f"expected a non-negative integer, got {value}", path=path)
-        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, str) and _DIGITS.match(value):
-        return int(value)
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_INCARNATION:
+            raise DocumentError(
+                f"expected an integer from 0 to 2^63-1, got {_describe(value)}", path=path
+            )
+        return value
     raise DocumentError(f"expected an integer, got {_describe(value)}", path=path)
 
 
@@ -305,6 +385,8 @@ def _optional_integer(raw: Mapping[str, object], key: str, path: str) -> int | N
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 5.0 means 5: nothing else is meant
     if isinstance(value, str) and _SIGNED_DIGITS.match(value):
         return int(value)
     raise DocumentError(f"expected an integer, got {_describe(value)}", path=f"{path}.{key}")

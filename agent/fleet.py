@@ -518,6 +518,11 @@ class FleetGate:
         with self._lock:
             return self._slot is not None and self._fresh()
 
+    def holds(self, key: str) -> bool:
+        """True when ``key`` already holds this agent's slot."""
+        with self._lock:
+            return key in self._holding and self._slot is not None
+
     def waiting(self, key: str) -> bool:
         with self._lock:
             return key in self._waiting

@@ -2,7 +2,9 @@
 
 Invariants:
 - Hooks run in lexical (byte) order of file name; names starting with ``.``, ending in ``~``, or
-  holding ``.dpkg-`` or ``.rpm`` are skipped, non-executable files are skipped with a warning.
+  holding ``.dpkg-`` or ``.rpm`` are skipped. Configuration fails closed: a missing or
+  unreadable hook directory, or a file in it that is not executable, is a refused hook, and a
+  refused hook fails its phase.
 - A hook is run by argv, never through a shell; event fields reach it only as data (JSON on stdin
   and ``SCHEDULED_EVENT_*`` variables), so a hostile Description is never executed.
 - Each hook runs in its own session (process group). When stopped (deadline or agent shutdown)
@@ -120,25 +122,46 @@ def is_skipped_name(name: str) -> bool:
     return name.startswith(".") or name.endswith("~") or ".dpkg-" in name or ".rpm" in name
 
 
-def discover(directory: Path, *, check_ownership: bool, log: Any) -> list[Hook]:
-    """The hooks of ``directory`` in run order. A missing directory holds no hooks."""
-    if not directory.is_dir():
-        log.warning("hook.directory_missing", directory=str(directory))
-        return []
+def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
+    """The hooks of ``directory`` in run order; an existing, empty directory holds none.
+
+    Fails closed: a directory that is missing or cannot be read becomes one refused hook named
+    after it, and so does a file that is not an executable regular file. A refused hook fails
+    its phase (and so holds back the approval) with a reason that says the fix.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            why = "does not exist (create it, or correct the path in hooks.*_dir)"
+        elif isinstance(error, NotADirectoryError):
+            why = "is not a directory (point hooks.*_dir at a directory of hooks)"
+        else:
+            why = f"cannot be read: {error.strerror} (check its permissions)"
+        return [Hook(str(directory), directory, f"hook directory {directory} {why}")]
     directory_refusal = _ownership_problem(directory, "hook directory") if check_ownership else None
     hooks: list[Hook] = []
-    for name in sorted(os.listdir(directory)):
+    for name in names:
         path = directory / name
-        if is_skipped_name(name) or path.is_dir():
+        if is_skipped_name(name):
             continue
-        if not os.access(path, os.X_OK):
-            log.warning(
-                "hook.skipped",
-                hook=name,
-                reason=f"hook '{name}' is not executable (chmod +x {path}?)",
+        try:
+            info = path.stat()
+        except OSError as error:
+            hooks.append(
+                Hook(name, path, f"hook {path} cannot be read: {error.strerror} (remove or fix it)")
             )
             continue
+        if stat.S_ISDIR(info.st_mode):
+            continue
         refusal = directory_refusal
+        if not stat.S_ISREG(info.st_mode):
+            refusal = f"hook {path} is not a regular file (remove it from the hook directory)"
+        elif not os.access(path, os.X_OK):
+            refusal = (
+                f"hook {path} is not executable: chmod +x {path} to run it, or rename it"
+                " with a leading '.' or a trailing '~' to leave it out"
+            )
         if refusal is None and check_ownership:
             refusal = _ownership_problem(path, "hook")
         hooks.append(Hook(name, path, refusal))

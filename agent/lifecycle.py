@@ -9,8 +9,13 @@ IllegalTransition naming the event, its state and the trigger.
                                                    | prepared_no_approval |  approval_abandoned
                                                    v                      v
                                                  waiting <------------ approved
-    preparing/approving/approved/waiting --gone--> recovering --recovered--> done
+    preparing/approving/approved/waiting --gone or no_longer_relevant--> recovering
+    recovering --recovered--> done
     preparing --gone_before_hooks--> done          ignored --gone--> done
+    preparing --irrelevant_before_hooks--> ignored --became_relevant--> preparing
+
+``next_step`` is the whole of "what now for this event": given the stored record, the event's
+form in the newest document, the hooks already run, the slot and the time, it returns one step.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Union
 
 from agent.errors import IllegalTransition
-from agent.events import SCHEDULED, ScheduledEvent, ScheduledEventsDocument
+from agent.events import SCHEDULED, ScheduledEvent
 
 IGNORED = "ignored"
 PREPARING = "preparing"
@@ -47,6 +53,12 @@ TRANSITIONS: Mapping[tuple[str | None, str], str] = {
     (WAITING, "gone"): RECOVERING,
     (RECOVERING, "recovered"): DONE,
     (IGNORED, "gone"): DONE,
+    (IGNORED, "became_relevant"): PREPARING,
+    (PREPARING, "irrelevant_before_hooks"): IGNORED,
+    (PREPARING, "no_longer_relevant"): RECOVERING,
+    (APPROVING, "no_longer_relevant"): RECOVERING,
+    (APPROVED, "no_longer_relevant"): RECOVERING,
+    (WAITING, "no_longer_relevant"): RECOVERING,
 }
 
 
@@ -116,36 +128,176 @@ def decide_approval(
     return Decision(True, "prepare hooks succeeded", "prepare_succeeded")
 
 
+# With ``NotBefore: ""`` Azure names no moment: the approval is still sent, retried for this long.
+NO_DEADLINE_APPROVAL_SECONDS = 60.0
+# States in which an event of this VM is being prepared, approved or awaited: recover hooks of
+# another event wait while one is in them.
+IN_FLIGHT = frozenset({PREPARING, APPROVING, APPROVED, WAITING})
+# A hook run in these outcomes did not fail: it was cut short (a crash: no outcome, or a stop)
+# and runs again.
+_CUT_SHORT = (None, "interrupted")
+
+
 @dataclass(frozen=True)
-class Plan:
-    """What a changed document asks of the daemon."""
+class PhaseHooks:
+    """A phase's hooks in run order, and the outcome of each one's latest run for this event."""
 
-    discovered: tuple[tuple[ScheduledEvent, Relevance], ...]
-    changed: tuple[ScheduledEvent, ...]
-    gone: tuple[str, ...]
+    names: tuple[str, ...]
+    outcomes: Mapping[str, str | None]
+
+    def progress(self) -> tuple[str | None, bool | None]:
+        """(the next hook to run, None), or (None, whether the phase succeeded)."""
+        for name in self.names:
+            if name not in self.outcomes or self.outcomes[name] in _CUT_SHORT:
+                return name, None
+            if self.outcomes[name] != "succeeded":
+                return None, False
+        return None, True
+
+    @property
+    def started(self) -> bool:
+        return bool(self.outcomes)
 
 
-def plan(
-    document: ScheduledEventsDocument,
-    known: Mapping[str, tuple[str, ScheduledEvent | None]],
-    vm_name: str,
-    enabled_types: Collection[str],
-) -> Plan:
-    """Compare a document with the stored events (key -> (state, last seen event)).
+@dataclass(frozen=True)
+class Policy:
+    """What the configuration says about approvals and relevance."""
 
-    New events are discovered (relevant or ignored); stored events whose fields changed are
-    reported so the store keeps their latest form; stored events not done and absent from the
-    document are gone (over, or cancelled).
-    """
-    present = {event.key for event in document.events}
-    discovered = []
-    changed = []
-    for event in document.events:
-        if event.key not in known:
-            discovered.append((event, relevance(event, vm_name, enabled_types)))
-            continue
-        _, last = known[event.key]
-        if last != event:
-            changed.append(event)
-    gone = [key for key, (state, _) in known.items() if state != DONE and key not in present]
-    return Plan(tuple(discovered), tuple(changed), tuple(sorted(gone)))
+    vm_name: str
+    types: Collection[str]
+    mode: str = "on-success"
+    shared_events: str = "skip"
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Everything the next step of one event depends on."""
+
+    state: str
+    event: ScheduledEvent  # its form in the newest document, else the stored one
+    present: bool  # in the document, or absent for less than the grace
+    readable: bool  # False while the newest document holds it in a form that cannot be read
+    self_service: bool  # a synthetic event of self-service maintenance: never approved here
+    prepare: PhaseHooks
+    recover: PhaseHooks
+    approval_may_have_landed: bool  # a POST succeeded, or was sent and never recorded back
+    others_in_flight: bool  # another event is preparing, approving, approved or awaited
+    recover_running: bool  # a recover hook of another event runs right now
+    now: datetime
+
+
+@dataclass(frozen=True)
+class RunHook:
+    phase: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Approve:
+    """POST StartRequests now, within ``budget_seconds``."""
+
+    budget_seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Move:
+    """Apply ``trigger``. ``outcome`` and ``code`` count a skipped approval, when set."""
+
+    trigger: str
+    reason: str
+    outcome: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing now; look again when another event moves on."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """Nothing to do until the document or the configuration changes."""
+
+
+Step = Union[RunHook, Approve, Move, Wait, Nothing]
+
+
+def next_step(situation: Situation, policy: Policy) -> Step:
+    """What to do next for one event: a pure function of its situation and the policy."""
+    s = situation
+    fit = (
+        Relevance(True, "self-service maintenance")
+        if s.self_service
+        else relevance(s.event, policy.vm_name, policy.types)
+    )
+    if s.state == DONE:
+        return Nothing()
+    if s.state == IGNORED:
+        if not s.present:
+            return Move("gone", "left the document")
+        if s.readable and fit.relevant:
+            return Move("became_relevant", fit.reason)
+        return Nothing()
+    if s.state == RECOVERING:
+        if s.others_in_flight:
+            return Wait("another event of this VM is being prepared, approved or awaited")
+        name, succeeded = s.recover.progress()
+        if name is not None:
+            return RunHook("recover", name)
+        return Move("recovered", "recover hooks succeeded" if succeeded else "recover hooks failed")
+    # Preparing, approving, approved or waiting.
+    if not s.present:
+        if s.state == PREPARING and not s.prepare.started:
+            return Move("gone_before_hooks", "left before any hook ran")
+        if s.state == APPROVING:
+            return Move("approval_abandoned", "event left the document", "skipped", "event_left")
+        return Move("gone", "left the document")
+    if not s.readable:
+        return Wait("the newest document holds this event in a form that cannot be read")
+    if not fit.relevant:
+        if s.state == PREPARING and not s.prepare.started:
+            return Move("irrelevant_before_hooks", fit.reason)
+        return Move("no_longer_relevant", fit.reason)
+    if s.state == PREPARING:
+        if s.self_service:
+            return Nothing()  # self-service runs its prepare hooks, then performMaintenance
+        name, succeeded = s.prepare.progress()
+        if name is not None:
+            if s.recover_running:
+                return Wait("a recover hook of another event is running")
+            return RunHook("prepare", name)
+        decision = _decision(s, policy, bool(succeeded))
+        if decision.approve:
+            return Move("prepared_approve", decision.reason)
+        return Move("prepared_no_approval", decision.reason, "skipped", decision.code)
+    if s.state == APPROVING:
+        if s.approval_may_have_landed:
+            return Move(
+                "approval_abandoned", "approval sent before a restart", "skipped", "already_sent"
+            )
+        _, succeeded = s.prepare.progress()
+        # Made again from the newest document before every POST: never an earlier decision.
+        decision = _decision(s, policy, bool(succeeded))
+        if not decision.approve:
+            return Move("approval_abandoned", decision.reason, "skipped", decision.code)
+        if policy.dry_run:
+            return Move("approval_abandoned", "dry run", "skipped", "dry_run")
+        if s.event.not_before is None:
+            return Approve(NO_DEADLINE_APPROVAL_SECONDS, decision.reason)
+        return Approve((s.event.not_before - s.now).total_seconds(), decision.reason)
+    return Nothing()  # approved or waiting: until the event leaves
+
+
+def _decision(s: Situation, policy: Policy, prepare_succeeded: bool) -> Decision:
+    return decide_approval(
+        s.event,
+        vm_name=policy.vm_name,
+        mode=policy.mode,
+        shared_events=policy.shared_events,
+        prepare_succeeded=prepare_succeeded,
+        now=s.now,
+    )

@@ -198,6 +198,17 @@ class Metrics:
             ["backend", "reason"],
             registry=registry,
         )
+        self.unreadable_events = Counter(
+            f"{PREFIX}_unreadable_events_total",
+            "Entries of the Scheduled Events document that could not be read, each counted once"
+            " (its siblings are still handled).",
+            registry=registry,
+        )
+        self.work_failures = Counter(
+            f"{PREFIX}_event_work_failures_total",
+            "Unexpected errors while working an event (taken up again on the next document).",
+            registry=registry,
+        )
         # Every bounded label set exists from the start, so that rates and alerts see zeros.
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome=outcome)

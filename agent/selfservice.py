@@ -58,8 +58,6 @@ class SelfService:
         log: Any,
         dry_run: bool,
         fleet: FleetGate | None = None,
-        run_prepare: Callable[[ScheduledEvent], bool | None],
-        recover: Callable[[str], None],
     ) -> None:
         self._config = config.maintenance
         self._arm = arm
@@ -71,8 +69,8 @@ class SelfService:
         self._log = log
         self._dry_run = dry_run
         self._fleet = fleet
-        self._run_prepare = run_prepare
-        self._recover = recover
+        self._run_prepare: Callable[[ScheduledEvent], bool | None] | None = None
+        self._recover: Callable[[str], None] | None = None
         settings = self._config.self_service
         self._slots = tuple(Slot.parse(slot) for slot in settings.slots)
         self._zone = ZoneInfo(settings.time_zone)
@@ -81,7 +79,29 @@ class SelfService:
         self._last_status: MaintenanceStatus | None = None
         self._last_error: str | None = None
         self._checked = False
-        self.awaiting_redeploy: str | None = None  # the synthetic key whose Redeploy is due
+        self._awaiting_lock = threading.Lock()
+        self._awaiting_redeploy: str | None = None  # the synthetic key whose Redeploy is due
+
+    def attach(
+        self,
+        *,
+        run_prepare: Callable[[ScheduledEvent], bool | None],
+        over: Callable[[str], None],
+    ) -> None:
+        """Connect to the daemon: how to run prepare hooks, and how to say a maintenance is
+        over (its recover hooks are due)."""
+        self._run_prepare = run_prepare
+        self._recover = over
+
+    def take_awaiting_redeploy(self) -> str | None:
+        """The maintenance whose Redeploy is due, once: the caller now follows that Redeploy."""
+        with self._awaiting_lock:
+            key, self._awaiting_redeploy = self._awaiting_redeploy, None
+            return key
+
+    def _await_redeploy(self, key: str | None) -> None:
+        with self._awaiting_lock:
+            self._awaiting_redeploy = key
 
     def run(self) -> None:
         """Check at start-up, then every interval, until stopped."""
@@ -154,6 +174,8 @@ class SelfService:
             self._log.info("maintenance.would_perform", event_id=key)
             self._store.move(key, "prepared_no_approval", now, decision="dry run")
             return
+        if self._run_prepare is None or self._recover is None:
+            raise RuntimeError("SelfService.attach() was not called")
         prepared = self._run_prepare(event)
         if prepared is None:
             return  # stopping: resumed after the restart
@@ -161,10 +183,10 @@ class SelfService:
             self._finish(key, "prepare hooks failed: maintenance not started", recover_now=True)
             return
         # Set before the call: the Redeploy that follows may show up before the call returns.
-        self.awaiting_redeploy = key
+        self._await_redeploy(key)
         outcome = self._perform()
         if outcome != "Succeeded":
-            self.awaiting_redeploy = None
+            self._await_redeploy(None)
         self._finish(key, f"performMaintenance {outcome}", recover_now=outcome != "Succeeded")
 
     def _perform(self) -> str:
@@ -187,7 +209,7 @@ class SelfService:
         self._metrics.self_service_runs.labels(
             outcome="succeeded" if decision.endswith("Succeeded") else "failed"
         ).inc()
-        if recover_now:
+        if recover_now and self._recover is not None:
             self._recover(key)
 
     def resume(self) -> None:
@@ -195,5 +217,5 @@ class SelfService:
         one cut short by the restart is wound up. Either way its recover hooks run."""
         states = frozenset({PREPARING, WAITING, RECOVERING})
         for record in self._store.events(states=states):
-            if is_self_service(record.key):
+            if is_self_service(record.key) and self._recover is not None:
                 self._recover(record.key)

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS events (
     document_incarnation INTEGER NOT NULL,
     first_seen TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    gone_at TEXT
+    gone_at TEXT,
+    occurrence INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS hook_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -89,6 +90,7 @@ class EventRecord:
     first_seen: str
     updated_at: str
     gone_at: str | None
+    occurrence: int = 1
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,20 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             # In one transaction: a reader (status) sees all the tables or none of them.
             self._db.executescript(f"BEGIN;\n{SCHEMA}COMMIT;\n")
+            self._migrate(self._db)
         except (sqlite3.Error, OSError) as error:
             # Keep handling events: in memory, with whatever the file still lets us read.
             self._db = self._memory_copy(self._readable_copy())
             self.degraded = f"cannot be opened: {error}"
         self._db.row_factory = sqlite3.Row
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a file written by an earlier version up to this schema."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+        if "occurrence" not in columns:
+            with db:
+                db.execute("ALTER TABLE events ADD COLUMN occurrence INTEGER NOT NULL DEFAULT 1")
 
     def changes(self) -> int:
         """Rows written through this connection so far (to check that idle polls write none)."""
@@ -167,7 +178,12 @@ class Store:
             self._db.close()
 
     def _write(self, sql: str, parameters: Any, *, many: bool = False) -> int | None:
-        """Run one writing statement in its own transaction; its row id, if any.
+        """Run one writing statement in its own transaction; its row id, if any."""
+        return self._write_all([(sql, parameters)], many=many)
+
+    def _write_all(self, statements: list[tuple[str, Any]], *, many: bool = False) -> int | None:
+        """Run writing statements in one transaction: all of them land, or none; the last
+        one's row id, if any.
 
         When the file refuses the write (disk full, read-only, I/O error), the store copies
         what it holds into memory and carries on there: ``degraded`` says why. Nothing already
@@ -177,10 +193,11 @@ class Store:
             for attempt in (1, 2):
                 try:
                     with self._db:  # one transaction, committed on success
-                        if many:
-                            cursor = self._db.executemany(sql, parameters)
-                        else:
-                            cursor = self._db.execute(sql, parameters)
+                        for sql, parameters in statements:
+                            if many:
+                                cursor = self._db.executemany(sql, parameters)
+                            else:
+                                cursor = self._db.execute(sql, parameters)
                     return cursor.lastrowid
                 except sqlite3.Error as error:
                     if attempt == 2 or self.degraded is not None:
@@ -215,6 +232,7 @@ class Store:
                 memory.close()
                 memory = sqlite3.connect(":memory:", check_same_thread=False)
         memory.executescript(SCHEMA)
+        self._migrate(memory)
         memory.row_factory = sqlite3.Row
         return memory
 
@@ -237,25 +255,24 @@ class Store:
         reason: str,
         document_incarnation: int,
         now: datetime,
+        occurrence: int = 1,
+        before: tuple[tuple[str, Any], ...] = (),
     ) -> EventRecord:
         state = transition(event.event_id, None, "discovered" if relevant else "discovered_ignored")
-        self._write(
-            "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
-            " raw, document_incarnation, first_seen, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.key,
-                event.event_id,
-                event.event_type,
-                event.status,
-                state,
-                reason,
-                json.dumps(event.to_wire()),
-                document_incarnation,
-                _iso(now),
-                _iso(now),
-            ),
-        )
+        with self._lock:
+            self._write_all(
+                [
+                    *before,
+                    _insert_event(
+                        event,
+                        state,
+                        reason=reason,
+                        document_incarnation=document_incarnation,
+                        now=now,
+                        occurrence=occurrence,
+                    ),
+                ]
+            )
         record = self.get(event.key)
         assert record is not None
         with self._lock:
@@ -264,17 +281,69 @@ class Store:
         return record
 
     def update_event(self, event: ScheduledEvent, document_incarnation: int, now: datetime) -> None:
-        """Keep the latest form of an event (Scheduled to Started, say)."""
-        self._write(
-            "UPDATE events SET raw = ?, document_incarnation = ?, updated_at = ?"
-            " WHERE event_key = ?",
-            (json.dumps(event.to_wire()), document_incarnation, _iso(now), event.key),
-        )
-        if self._unfinished is not None and event.key in self._unfinished:
-            self._unfinished[event.key] = (self._unfinished[event.key][0], event)
+        """Keep the latest form of an event (Scheduled to Started, a new type, say)."""
+        with self._lock:
+            self._write(
+                "UPDATE events SET raw = ?, event_type = ?, document_incarnation = ?,"
+                " updated_at = ? WHERE event_key = ?",
+                (
+                    json.dumps(event.to_wire()),
+                    event.event_type,
+                    document_incarnation,
+                    _iso(now),
+                    event.key,
+                ),
+            )
+            if self._unfinished is not None and event.key in self._unfinished:
+                self._unfinished[event.key] = (self._unfinished[event.key][0], event)
 
-    def move(self, key: str, trigger: str, now: datetime, *, decision: str | None = None) -> str:
-        """Apply ``trigger`` to the event's state through the transition table."""
+    def new_occurrence(
+        self,
+        event: ScheduledEvent,
+        *,
+        relevant: bool,
+        reason: str,
+        document_incarnation: int,
+        now: datetime,
+    ) -> EventRecord:
+        """The EventId came back after its record was done: keep that record (and its hook
+        runs and approvals) under ``<key>#<n>``, and start a new one under the key."""
+        with self._lock:
+            old = self.get(event.key)
+            if old is None:
+                raise StateError(f"no event {event.key} in the state store", path=self.path)
+            if old.state != DONE:
+                raise StateError(
+                    f"event {event.key} is {old.state}, not done: no new occurrence yet",
+                    path=self.path,
+                )
+            kept = f"{old.key}#{old.occurrence}"
+            # One transaction with the new record: a crash leaves the old one or both.
+            renames = tuple(
+                (f"UPDATE {table} SET event_key = ? WHERE event_key = ?", (kept, old.key))  # noqa: S608
+                for table in ("events", "hook_runs", "approvals")
+            )
+            return self.discover(
+                event,
+                relevant=relevant,
+                reason=reason,
+                document_incarnation=document_incarnation,
+                now=now,
+                occurrence=old.occurrence + 1,
+                before=renames,
+            )
+
+    def move(
+        self,
+        key: str,
+        trigger: str,
+        now: datetime,
+        *,
+        decision: str | None = None,
+        reason: str | None = None,
+    ) -> str:
+        """Apply ``trigger`` to the event's state through the transition table; ``reason``
+        replaces why the event is (or is not) ours, when given."""
         key = key.lower()
         with self._lock:
             record = self.get(key)
@@ -283,11 +352,13 @@ class Store:
             state = transition(record.event_id, record.state, trigger)
             self._write(
                 "UPDATE events SET state = ?, updated_at = ?, decision = COALESCE(?, decision),"
+                " reason = COALESCE(?, reason),"
                 " gone_at = CASE WHEN ? THEN ? ELSE gone_at END WHERE event_key = ?",
                 (
                     state,
                     _iso(now),
                     decision,
+                    reason,
                     trigger.startswith("gone"),
                     _iso(now),
                     key,
@@ -406,6 +477,35 @@ class Store:
         return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM meta")}
 
 
+def _insert_event(
+    event: ScheduledEvent,
+    state: str,
+    *,
+    reason: str,
+    document_incarnation: int,
+    now: datetime,
+    occurrence: int,
+) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
+        " raw, document_incarnation, first_seen, updated_at, occurrence)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.key,
+            event.event_id,
+            event.event_type,
+            event.status,
+            state,
+            reason,
+            json.dumps(event.to_wire()),
+            document_incarnation,
+            _iso(now),
+            _iso(now),
+            occurrence,
+        ),
+    )
+
+
 def _columns(row: sqlite3.Row, record: type[Any]) -> dict[str, Any]:
     """The row's columns that ``record`` (a dataclass) has fields for."""
     names = {field.name for field in dataclasses.fields(record)}
@@ -431,4 +531,6 @@ def _event_record(row: sqlite3.Row) -> EventRecord:
         first_seen=row["first_seen"],
         updated_at=row["updated_at"],
         gone_at=row["gone_at"],
+        # A file from before occurrences were counted, opened read-only, lacks the column.
+        occurrence=row["occurrence"] if "occurrence" in row.keys() else 1,  # noqa: SIM118
     )

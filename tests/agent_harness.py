@@ -73,6 +73,8 @@ def config_for(
             "kill_grace_seconds": 1,
             "tempfail_retry_seconds": 0.1,
         },
+        # A short grace keeps the tests quick; the default (5 s) is tested on its own.
+        "events": {"gone_grace_seconds": 0.6},
         "state": {"path": str(directory / "state.db")},
         "metrics": {"listen": None},
         # The emulator serves Azure Resource Manager too: nothing leaves 127.0.0.1.

@@ -86,18 +86,34 @@ def test_hooks_run_in_lexical_order_with_run_parts_skips(tmp_path: Path) -> None
         script(tmp_path, name, "exit 0\n")
     (tmp_path / "subdir").mkdir()
     script(tmp_path, "15-not-executable", "exit 0\n", mode=0o644)
-    with capture_logs() as logs:
-        hooks = discover(tmp_path, check_ownership=False, log=structlog.get_logger())
-    assert [hook.name for hook in hooks] == ["10-a", "20-b", "3-c"]
-    (warning,) = [entry for entry in logs if entry["event"] == "hook.skipped"]
-    assert warning["hook"] == "15-not-executable"
-    assert "chmod +x" in warning["reason"]
+    hooks = discover(tmp_path, check_ownership=False)
+    assert [hook.name for hook in hooks] == ["10-a", "15-not-executable", "20-b", "3-c"]
+    refusals = {hook.name: hook.refusal for hook in hooks}
+    # Fails closed: a hook without its execute bit is refused (its phase fails), with the fix.
+    refused = refusals.pop("15-not-executable")
+    assert refused is not None and "chmod +x" in refused
+    assert set(refusals.values()) == {None}
 
 
-def test_a_missing_directory_holds_no_hooks_and_says_so(tmp_path: Path) -> None:
-    with capture_logs() as logs:
-        assert discover(tmp_path / "nope", check_ownership=False, log=structlog.get_logger()) == []
-    assert logs[0]["event"] == "hook.directory_missing"
+def test_an_empty_directory_holds_no_hooks(tmp_path: Path) -> None:
+    script(tmp_path, ".disabled", "exit 0\n")
+    assert discover(tmp_path, check_ownership=True) == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file", "unreadable"])
+def test_a_hook_directory_that_cannot_be_listed_is_one_refused_hook(
+    tmp_path: Path, kind: str
+) -> None:
+    directory = tmp_path / "prepare.d"
+    if kind == "a file":
+        directory.write_text("")
+    elif kind == "unreadable":
+        directory.mkdir(mode=0o000)
+        if os.access(directory, os.R_OK):
+            pytest.skip("this user reads any directory (root without dropped capabilities)")
+    (hook,) = discover(directory, check_ownership=False)
+    assert hook.path == directory
+    assert hook.refusal is not None and str(directory) in hook.refusal
 
 
 def test_as_root_a_hook_writable_by_others_is_refused(tmp_path: Path) -> None:
@@ -105,7 +121,7 @@ def test_as_root_a_hook_writable_by_others_is_refused(tmp_path: Path) -> None:
     script(tmp_path, "20-group", "exit 0\n", mode=0o775)
     script(tmp_path, "30-fine", "exit 0\n", mode=0o755)
     tmp_path.chmod(0o755)
-    hooks = discover(tmp_path, check_ownership=True, log=structlog.get_logger())
+    hooks = discover(tmp_path, check_ownership=True)
     refusals = {hook.name: hook.refusal for hook in hooks}
     assert refusals["30-fine"] is None
     assert refusals["10-open"] is not None and "chmod go-w" in refusals["10-open"]
@@ -117,7 +133,7 @@ def test_as_root_a_hook_owned_by_another_user_is_refused(tmp_path: Path) -> None
     path = script(tmp_path, "10-theirs", "exit 0\n")
     os.chown(path, 1234, 1234)
     tmp_path.chmod(0o755)
-    (hook,) = discover(tmp_path, check_ownership=True, log=structlog.get_logger())
+    (hook,) = discover(tmp_path, check_ownership=True)
     assert hook.refusal is not None
     assert "uid 1234" in hook.refusal and "chown root" in hook.refusal
 
@@ -126,7 +142,7 @@ def test_as_root_a_hook_directory_writable_by_others_refuses_its_hooks(tmp_path:
     directory = tmp_path / "prepare.d"
     script(directory, "10-a", "exit 0\n")
     directory.chmod(0o777)
-    (hook,) = discover(directory, check_ownership=True, log=structlog.get_logger())
+    (hook,) = discover(directory, check_ownership=True)
     assert hook.refusal is not None and "hook directory" in hook.refusal
 
 

@@ -1,4 +1,4 @@
-"""The lifecycle's transition table, the approval decision and the planner: pure, no I/O."""
+"""The lifecycle's transition table, the approval decision and next_step: pure, no I/O."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from agent.lifecycle import (
     TRANSITIONS,
     WAITING,
     decide_approval,
-    plan,
     relevance,
     transition,
 )
@@ -106,26 +105,3 @@ def test_the_approval_decision_and_its_reason(
     decision, reason = decide(subject, **options)
     assert decision is approve
     assert words in reason
-
-
-def test_the_planner_finds_new_changed_and_gone_events() -> None:
-    document = parse_document(
-        {
-            "DocumentIncarnation": 2,
-            "Events": [
-                event(EventId="new").to_wire(),
-                event(EventId="same").to_wire(),
-                event(EventId="moved", EventStatus="Started", NotBefore="").to_wire(),
-            ],
-        }
-    )
-    known = {
-        "same": (APPROVED, event(EventId="same")),
-        "moved": (APPROVED, event(EventId="moved")),
-        "left": (WAITING, event(EventId="left")),
-        "finished": (DONE, event(EventId="finished")),
-    }
-    result = plan(document, known, "web_4", ["Reboot"])
-    assert [found.event_id for found, _ in result.discovered] == ["new"]
-    assert [found.event_id for found in result.changed] == ["moved"]
-    assert result.gone == ("left",)

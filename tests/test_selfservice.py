@@ -26,6 +26,7 @@ from agent.maintenance import Slot, decide
 from agent.metrics import Metrics
 from agent.report import status as status_report
 from agent.report import status_text
+from agent.selfservice import SelfService
 from agent.state import Store
 from tests.agent_harness import calls, config_for
 from tests.conftest import Emulator, approved_ids, wait_until
@@ -267,6 +268,18 @@ class Agent:
                 stop=self.stop,
                 log=structlog.get_logger(),
             )
+        self_service = SelfService(
+            config=self.config,
+            arm=self.arm,
+            instance=self.imds.fetch_instance_metadata(),
+            store=self.store,
+            metrics=metrics,
+            clock=self.clock,
+            stop=self.stop,
+            log=structlog.get_logger(),
+            dry_run=dry_run,
+            fleet=self.fleet,
+        )
         self.daemon = Daemon(
             assemble(
                 self.config,
@@ -278,10 +291,9 @@ class Agent:
                 vm_name="web_4",
                 dry_run=dry_run,
                 metrics=metrics,
-                arm=self.arm,
-                instance=self.imds.fetch_instance_metadata(),
                 fleet=self.fleet,
-            )
+            ),
+            self_service=self_service,
         )
         self.thread = threading.Thread(target=self.daemon.run)
         self.thread.start()

@@ -415,6 +415,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, world.document("2020-07-01"))
         elif route == ("GET", "events", "{id}"):
             self._send_json(200, world.get(segments[1]).wire("2020-07-01"))
+        elif route == ("PATCH", "events", "{id}"):
+            if not isinstance(payload, dict):
+                raise ControlError(400, "expected a JSON object")
+            self._send_json(200, world.update(segments[1], payload).wire("2020-07-01"))
         elif route == ("DELETE", "events", "{id}"):
             world.cancel(segments[1])
             self._send_json(200, {"cancelled": segments[1]})

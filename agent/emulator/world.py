@@ -149,6 +149,53 @@ class World:
                 raise ControlError(404, f"no event {event_id}")
             return event
 
+    def update(self, event_id: str, spec: dict[str, Any]) -> EmulatedEvent:
+        """Change a Scheduled event in place, as Azure may: its type, Resources, NotBefore
+        (``not_before: ""`` for none), description or duration. A new incarnation."""
+        with self.lock:
+            event = self.get(event_id)
+            known = {
+                "type",
+                "resources",
+                "not_before",
+                "not_before_in_seconds",
+                "description",
+                "duration_seconds",
+            }
+            unknown = sorted(set(spec) - known)
+            if unknown:
+                raise ControlError(400, f"unknown fields: {', '.join(unknown)}")
+            if event.status != "Scheduled" and (
+                "not_before" in spec or "not_before_in_seconds" in spec
+            ):
+                raise ControlError(409, f"event {event.event_id} has started: no NotBefore")
+            merged = {
+                "type": spec.get("type", event.event_type),
+                "resources": spec.get("resources", event.resources),
+                "description": spec.get("description", event.description),
+                "duration_seconds": spec.get("duration_seconds", event.duration_seconds),
+            }
+            if spec.get("not_before") == "":
+                not_before = None
+            elif "not_before" in spec or "not_before_in_seconds" in spec:
+                merged.update(
+                    {key: spec[key] for key in ("not_before", "not_before_in_seconds") if key in spec}
+                )
+                not_before = self._event_from_spec(merged, self.now()).not_before
+            else:
+                not_before = event.not_before
+            checked = self._event_from_spec(
+                {key: value for key, value in merged.items() if not key.startswith("not_before")},
+                self.now(),
+            )
+            event.event_type = checked.event_type
+            event.resources = checked.resources
+            event.description = checked.description
+            event.duration_seconds = checked.duration_seconds
+            event.not_before = not_before
+            self._changed()
+            return event
+
     def cancel(self, event_id: str) -> None:
         with self.lock:
             self._remove(self.get(event_id))
