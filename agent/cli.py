@@ -125,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if arguments.command == "check-config":
-            print(f"{arguments.config or config_module.DEFAULT_PATH}: configuration is valid")
-            return EXIT_OK
+            return _check_config(config, arguments)
         if arguments.command == "run":
             return _run_daemon(config, arguments)
         if arguments.command in ("status", "history"):
@@ -139,6 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"unknown command {arguments.command}")
 
 
+def _check_config(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    """The file's keys were checked on load; now the paths it names."""
+    from agent.preflight import check_paths
+
+    path = arguments.config or config_module.DEFAULT_PATH
+    if arguments.config is None and not config_module.DEFAULT_PATH.exists():
+        print(f"{path}: no file there: the defaults apply (see config.example.yaml)")
+    problems = check_paths(config, as_root=os.geteuid() == 0)
+    for problem in problems:
+        print(f"scheduled-events-agent check-config: {path}: {problem}", file=sys.stderr)
+    if problems:
+        print(
+            f"{len(problems)} problem{'s' if len(problems) != 1 else ''}: an event would"
+            " find the agent unprepared",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(f"{path}: configuration is valid; its hook directories and state directory are usable")
+    return EXIT_OK
+
+
 def _install_stop_signals(stop: threading.Event) -> None:
     def request_stop(signal_number: int, frame: FrameType | None) -> None:
         stop.set()
@@ -148,6 +168,32 @@ def _install_stop_signals(stop: threading.Event) -> None:
 
 
 def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> int:
+    from agent.instance import AlreadyRunning, InstanceLock
+
+    logs.configure(config.logging.format, config.logging.level)
+    log = logs.get_logger("agent")
+    lock = None
+    if not arguments.dry_run:  # a dry run keeps its state in memory: nothing to share
+        try:
+            lock = InstanceLock(config.state.path).acquire()
+        except AlreadyRunning as error:
+            print(f"scheduled-events-agent run: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as error:
+            raise AgentError(
+                f"cannot lock the state file {config.state.path}: {error.strerror} "
+                "(check state.path and its directory's permissions)"
+            ) from None
+        if lock.fallback is not None:
+            log.warning("agent.lock_fallback", reason=lock.fallback, locked=lock.path)
+    try:
+        return _run_locked(config, arguments, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log: Any) -> int:
     from prometheus_client import CollectorRegistry
 
     from agent.arm import ArmClient
@@ -159,8 +205,6 @@ def _run_daemon(config: config_module.Config, arguments: argparse.Namespace) -> 
     from agent.state import Store
     from agent.systemd import Notifier
 
-    logs.configure(config.logging.format, config.logging.level)
-    log = logs.get_logger("agent")
     registry = CollectorRegistry()
     stop = threading.Event()
     _install_stop_signals(stop)

@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -503,6 +504,7 @@ class Daemon:
 
     def end_self_service(self, key: str) -> None:
         """A self-service maintenance is over (or cut short): its recover hooks are due."""
+        key = key.lower()  # as the store keys it
         with self._intake:
             self._gone.add(key)
         self._workers.wake(key)
@@ -739,13 +741,37 @@ class Daemon:
         else:
             incarnation = self._latest.incarnation if self._latest is not None else 0
             result = self._parts.hooks.run(
-                hook, HookContext(phase, event, self._parts.vm_name, incarnation, deadline)
+                hook,
+                HookContext(phase, event, self._parts.vm_name, incarnation, deadline),
+                self._moving_deadline(phase, event, now, deadline),
             )
             self._metrics.hook_run(
                 phase, result.outcome, (result.ended_at - result.started_at).total_seconds()
             )
         self._store.hook_finished(run_id, result)
         return result
+
+    def _moving_deadline(
+        self, phase: str, event: ScheduledEvent, started: datetime, first: datetime
+    ) -> Callable[[], datetime]:
+        """The running hook's deadline as the newest document says: a NotBefore that moves
+        moves it; once the event has started (no NotBefore any more) the last one holds."""
+        last = first
+        timeout = self._config.hooks.timeout_seconds
+
+        def deadline() -> datetime:
+            nonlocal last
+            latest = self._latest
+            current = (
+                None
+                if latest is None or is_self_service(event.key)
+                else latest.find(event.event_id)
+            )
+            if current is not None and current.not_before is not None:
+                last = deadline_for(phase, current, started, timeout)
+            return last
+
+        return deadline
 
     def run_prepare(self, event: ScheduledEvent) -> bool | None:
         """Run the prepare hooks of a self-service maintenance in the caller's thread.

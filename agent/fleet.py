@@ -520,15 +520,18 @@ class FleetGate:
 
     def holds(self, key: str) -> bool:
         """True when ``key`` already holds this agent's slot."""
+        key = key.lower()  # event keys, as the state store writes them
         with self._lock:
             return key in self._holding and self._slot is not None
 
     def waiting(self, key: str) -> bool:
+        key = key.lower()  # event keys, as the state store writes them
         with self._lock:
             return key in self._waiting
 
     def hold(self, key: str, event_id: str) -> bool:
         """True when this agent holds a slot for ``key`` (taking one if it can); never waits."""
+        key = key.lower()  # event keys, as the state store writes them
         with self._lock:
             started = self._waiting.setdefault(key, self._clock.monotonic())
             if self._slot is not None and not self._fresh():
@@ -563,6 +566,7 @@ class FleetGate:
 
     def stop_waiting(self, key: str, *, missed: bool) -> None:
         """``key`` no longer waits for a slot (it started, NotBefore passed, or it left)."""
+        key = key.lower()  # event keys, as the state store writes them
         with self._lock:
             started = self._waiting.pop(key, None)
             self._told_waiting.discard(key)
@@ -581,6 +585,7 @@ class FleetGate:
 
     def release(self, key: str) -> None:
         """``key`` is over (and recovered): give the slot back once no event holds it."""
+        key = key.lower()  # event keys, as the state store writes them
         with self._lock:
             self.stop_waiting(key, missed=False)
             if self._holding.pop(key, None) is None or self._holding or self._slot is None:

@@ -29,6 +29,7 @@ import stat
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -139,7 +140,7 @@ def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
         else:
             why = f"cannot be read: {error.strerror} (check its permissions)"
         return [Hook(str(directory), directory, f"hook directory {directory} {why}")]
-    directory_refusal = _ownership_problem(directory, "hook directory") if check_ownership else None
+    directory_refusal = ownership_problem(directory, "hook directory") if check_ownership else None
     hooks: list[Hook] = []
     for name in names:
         path = directory / name
@@ -163,12 +164,12 @@ def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
                 " with a leading '.' or a trailing '~' to leave it out"
             )
         if refusal is None and check_ownership:
-            refusal = _ownership_problem(path, "hook")
+            refusal = ownership_problem(path, "hook")
         hooks.append(Hook(name, path, refusal))
     return hooks
 
 
-def _ownership_problem(path: Path, what: str) -> str | None:
+def ownership_problem(path: Path, what: str) -> str | None:
     try:
         info = path.stat()
     except OSError as error:
@@ -205,14 +206,29 @@ class HookRunner:
         self._grace = kill_grace_seconds
         self._tempfail_retry = tempfail_retry_seconds
 
-    def run(self, hook: Hook, context: HookContext) -> HookResult:
+    def run(
+        self,
+        hook: Hook,
+        context: HookContext,
+        deadline_of: Callable[[], datetime] | None = None,
+    ) -> HookResult:
+        """Run ``hook`` to its end. ``deadline_of``, when given, is asked again while the hook
+        runs: a NotBefore that moves moves the deadline of the running hook too."""
         started_at = self._clock.now()
         log = self._log.bind(hook=hook.name, event_id=context.event.event_id, phase=context.phase)
         if hook.refusal is not None:
             log.error("hook.refused", reason=hook.refusal)
             return HookResult(hook.name, REFUSED, None, 0, hook.refusal, started_at, started_at)
-        remaining = (context.deadline - started_at).total_seconds()
-        deadline = self._clock.monotonic() + remaining
+        told = context.deadline
+
+        def deadline() -> float:
+            nonlocal told
+            target = context.deadline if deadline_of is None else deadline_of()
+            if target != told:
+                told = target
+                log.info("hook.deadline_moved", deadline=iso_utc(target))
+            return self._clock.monotonic() + (target - self._clock.now()).total_seconds()
+
         attempts = 0
         tail: deque[str] = deque()
         while True:
@@ -221,7 +237,7 @@ class HookRunner:
             outcome, status = self._run_once(hook, context, deadline, log, tail)
             if outcome != "tempfail":
                 break
-            wait = min(self._tempfail_retry, deadline - self._clock.monotonic())
+            wait = min(self._tempfail_retry, deadline() - self._clock.monotonic())
             log.info("hook.not_ready", exit_status=status, retry_in_seconds=round(wait, 2))
             if wait <= 0:
                 outcome = TIMED_OUT
@@ -248,11 +264,11 @@ class HookRunner:
         self,
         hook: Hook,
         context: HookContext,
-        deadline: float,
+        deadline: Callable[[], float],
         log: Any,
         tail: deque[str],
     ) -> tuple[str, int | None]:
-        if deadline - self._clock.monotonic() <= 0:
+        if deadline() - self._clock.monotonic() <= 0:
             return TIMED_OUT, None
         environment = {**os.environ, **context.environment()}
         try:
@@ -282,8 +298,8 @@ class HookRunner:
         for thread in threads:
             thread.start()
         outcome: str | None = None
-        while not exited.wait(min(max(deadline - self._clock.monotonic(), 0.0), 0.25)):
-            if self._clock.monotonic() >= deadline:
+        while not exited.wait(min(max(deadline() - self._clock.monotonic(), 0.0), 0.25)):
+            if self._clock.monotonic() >= deadline():
                 outcome = TIMED_OUT
             elif self._stop.is_set():
                 outcome = INTERRUPTED

@@ -45,10 +45,68 @@ def log_events(output: str) -> list[dict[str, Any]]:
 # check-config ------------------------------------------------------------------------------
 
 
-def test_check_config_accepts_the_example_file() -> None:
+def test_check_config_accepts_the_example_file_and_checks_the_paths_it_names(
+    tmp_path: Path,
+) -> None:
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
     completed = agent("check-config", "--config", str(ROOT / "config.example.yaml"))
+    # Its keys are all valid; its paths are those of an installed agent, absent here.
+    for key in ("hooks.prepare_dir", "hooks.recover_dir"):
+        missing = not Path(example["hooks"][key.split(".")[1]]).is_dir()
+        assert (key in completed.stderr) == missing, completed.stderr
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    completed = agent("check-config", "--config", str(config))
     assert completed.returncode == 0, completed.stderr
     assert "valid" in completed.stdout
+
+
+def test_check_config_reports_each_path_problem_with_its_fix(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "http://127.0.0.1:9", hooks={"recover_dir": str(tmp_path / "recover.typo")}
+    )
+    (tmp_path / "prepare.d" / "10-record").chmod(0o644)
+    (tmp_path / "prepare.d" / "20-dir-is-not-a-hook").mkdir()
+    (tmp_path / "prepare.d" / "30-notes~").write_text("")
+    completed = agent("check-config", "--config", str(config))
+    assert completed.returncode == 2
+    problems = [line for line in completed.stderr.splitlines() if "check-config:" in line]
+    assert len(problems) == 2, completed.stderr
+    assert "hooks.prepare_dir" in problems[0] and "chmod +x" in problems[0]
+    assert "hooks.recover_dir" in problems[1] and "does not exist" in problems[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership checks apply when run as root")
+def test_check_config_as_root_refuses_hooks_others_may_change(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    tmp_path.chmod(0o755)
+    (tmp_path / "prepare.d" / "10-record").chmod(0o777)
+    (tmp_path / "recover.d").chmod(0o777)
+    (tmp_path / "recover.d" / "10-record").unlink()
+    completed = agent("check-config", "--config", str(config))
+    assert completed.returncode == 2
+    assert "chmod go-w" in completed.stderr
+    assert str(tmp_path / "recover.d") in completed.stderr
+
+
+def test_check_config_says_when_the_state_directory_is_not_writable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = write_config(tmp_path, "http://127.0.0.1:9", state={"path": str(blocker / "state.db")})
+    completed = agent("check-config", "--config", str(config))
+    assert completed.returncode == 2
+    assert "state.path" in completed.stderr and str(blocker) in completed.stderr
+
+
+@pytest.mark.skipif(
+    Path("/etc/scheduled-events-agent/config.yaml").exists(),
+    reason="this machine has an installed configuration",
+)
+def test_check_config_without_a_file_says_the_defaults_apply_and_checks_them() -> None:
+    completed = agent("check-config")
+    assert "no file there: the defaults apply" in completed.stdout
+    if not Path("/etc/scheduled-events-agent/prepare.d").is_dir():
+        assert completed.returncode == 2
+        assert "/etc/scheduled-events-agent/prepare.d" in completed.stderr
 
 
 def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
@@ -180,6 +238,38 @@ def test_status_works_while_the_daemon_runs(live: Emulator, tmp_path: Path) -> N
             (tmp_path / "block-prepare-Reboot").unlink()
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
+
+
+def test_a_second_run_with_the_same_state_file_exits_2_naming_the_pid(
+    live: Emulator, tmp_path: Path
+) -> None:
+    (tmp_path / "block-prepare-Reboot").touch()
+    config = write_config(tmp_path, live.url)
+    with (tmp_path / "out.log").open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            live.add_event(type="Reboot")
+            wait_until((tmp_path / "pid-prepare-Reboot").exists, timeout=30)
+            for command in (["run"], ["run", "--once"]):
+                second = agent(*command, "--config", str(config))
+                assert second.returncode == 2, second.stderr
+                assert f"PID {process.pid}" in second.stderr
+            # The hook was started once: the second agent never touched the event.
+            assert [line for line in calls(tmp_path) if line.startswith("start")] == [
+                line for line in calls(tmp_path) if line.startswith("start prepare")
+            ][:1]
+            for command in ("status", "history"):
+                assert agent(command, "--config", str(config)).returncode == 0
+        finally:
+            (tmp_path / "block-prepare-Reboot").unlink()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+    # Once the first has stopped, the lock is free again.
+    assert agent("run", "--once", "--config", str(config)).returncode == 0
 
 
 def test_status_before_any_run_says_so(tmp_path: Path) -> None:

@@ -406,19 +406,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_control(self, method: str, segments: list[str], payload: Any) -> None:
         world = self.server.world
         route = (method, *segments[:1], *(["{id}"] if len(segments) > 1 else []), *segments[2:])
-        if route == ("POST", "events"):
+        if route in (("POST", "events"), ("PATCH", "events", "{id}")):
             if not isinstance(payload, dict):
                 raise ControlError(400, "expected a JSON object")
-            event = world.add(payload)
-            self._send_json(201, event.wire("2020-07-01"))
+            if method == "POST":
+                self._send_json(201, world.add(payload).wire("2020-07-01"))
+            else:
+                self._send_json(200, world.update(segments[1], payload).wire("2020-07-01"))
         elif route == ("GET", "events"):
             self._send_json(200, world.document("2020-07-01"))
         elif route == ("GET", "events", "{id}"):
             self._send_json(200, world.get(segments[1]).wire("2020-07-01"))
-        elif route == ("PATCH", "events", "{id}"):
-            if not isinstance(payload, dict):
-                raise ControlError(400, "expected a JSON object")
-            self._send_json(200, world.update(segments[1], payload).wire("2020-07-01"))
         elif route == ("DELETE", "events", "{id}"):
             world.cancel(segments[1])
             self._send_json(200, {"cancelled": segments[1]})

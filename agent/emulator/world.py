@@ -179,7 +179,11 @@ class World:
                 not_before = None
             elif "not_before" in spec or "not_before_in_seconds" in spec:
                 merged.update(
-                    {key: spec[key] for key in ("not_before", "not_before_in_seconds") if key in spec}
+                    {
+                        key: spec[key]
+                        for key in ("not_before", "not_before_in_seconds")
+                        if key in spec
+                    }
                 )
                 not_before = self._event_from_spec(merged, self.now()).not_before
             else:

@@ -1,0 +1,54 @@
+"""What ``check-config`` checks beyond the file itself: the paths the agent will need.
+
+Each problem is one line naming the path and saying the fix. The checks are the ones the agent
+applies when an event comes (hooks.discover), made before one does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.config import Config
+from agent.hooks import discover, ownership_problem
+
+
+def check_paths(config: Config, *, as_root: bool) -> list[str]:
+    """Every problem with the hook directories, their hooks and the state directory."""
+    problems: list[str] = []
+    for key, value in (
+        ("hooks.prepare_dir", config.hooks.prepare_dir),
+        ("hooks.recover_dir", config.hooks.recover_dir),
+    ):
+        directory = Path(value)
+        hooks = discover(directory, check_ownership=as_root)
+        refusals = [hook.refusal for hook in hooks if hook.refusal is not None]
+        if as_root and not refusals and directory.is_dir():
+            # An empty directory has no hook to carry the directory's own problem.
+            problem = ownership_problem(directory, "hook directory")
+            refusals = [problem] if problem else []
+        problems.extend(f"{key}: {refusal}" for refusal in dict.fromkeys(refusals))
+    problem = _state_problem(config.state.path)
+    if problem is not None:
+        problems.append(f"state.path: {problem}")
+    return problems
+
+
+def _state_problem(path_text: str) -> str | None:
+    path = Path(path_text)
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{path} cannot be written by this user (check its owner and mode)"
+        target = path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent  # the agent creates the missing directories
+    if not target.is_dir():
+        return f"{target} is not a directory (point state.path into a directory)"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return (
+            f"the state directory {target} is not writable by this user "
+            f"(the agent writes {path.name} and its journal there: fix its owner or mode)"
+        )
+    return None
