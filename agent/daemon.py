@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from agent.clock import Clock
 from agent.config import Config
 from agent.errors import (
+    ApprovalWithdrawn,
     DocumentError,
     ImdsError,
     ImdsRequestRejected,
@@ -71,6 +72,7 @@ from agent.lifecycle import (
     next_step,
     relevance,
 )
+from agent.maintenance import parse_iso
 from agent.metrics import Metrics, type_label
 from agent.selfservice import SelfService, is_self_service
 from agent.state import EventRecord, Store
@@ -267,7 +269,15 @@ class Daemon:
             self.self_service.resume()
         ok = self.poll(budget_seconds=10.0)
         interval = self._config.imds.poll_interval_seconds
-        while ok and self._absent_since and not self._stop.is_set():
+        # Bounded: an unreadable entry that may be ours suspends the grace for as long as it
+        # stays; the next run takes it up again.
+        until = self._clock.monotonic() + self._config.events.gone_grace_seconds + 5 * interval
+        while (
+            ok
+            and self._absent_since
+            and not self._stop.is_set()
+            and self._clock.monotonic() < until
+        ):
             self._workers.join()
             self._clock.wait(interval)
             ok = self.poll(budget_seconds=10.0)
@@ -511,7 +521,8 @@ class Daemon:
 
     # Work on one event ---------------------------------------------------------------------
 
-    def _situation(self, record: EventRecord) -> Situation:
+    def _situation(self, record: EventRecord, *, pending: int | None = None) -> Situation:
+        """What ``next_step`` needs; ``pending`` is an approval being sent right now."""
         key = record.key
         synthetic = is_self_service(key)
         latest = self._latest
@@ -526,6 +537,8 @@ class Daemon:
             other != key and state in IN_FLIGHT
             for other, (state, _) in self._store.known_unfinished().items()
         )
+        approvals = [a for a in self._store.approvals(key) if a.id != pending]
+        failed = [a for a in approvals if a.outcome == "failed"]
         return Situation(
             state=record.state,
             event=current if current is not None else record.event,
@@ -534,10 +547,12 @@ class Daemon:
             self_service=synthetic,
             prepare=self._phase_hooks(key, "prepare"),
             recover=self._phase_hooks(key, "recover"),
-            approval_may_have_landed=self._store.approval_may_have_landed(key),
+            approval_may_have_landed=any(a.outcome in ("succeeded", None) for a in approvals),
             others_in_flight=in_flight,
             recover_running=self._gate.recover_running(key),
             now=self._clock.now(),
+            in_document=synthetic or current is not None or unreadable,
+            first_approval_attempt=parse_iso(failed[0].started_at) if failed else None,
         )
 
     def _hooks(self, phase: str) -> list[Hook]:
@@ -674,8 +689,23 @@ class Daemon:
             if not had_slot:
                 return True  # the slot took a while to get: decide again before the POST
         approval_id = self._store.approval_started(key, "agent", self._clock.now())
+
+        def still_wanted() -> bool:
+            # Asked before every try of the POST: the decision, made again from the newest
+            # document, must still be "approve" (the POST in flight is not "sent before").
+            current = self._store.get(key)
+            return current is not None and isinstance(
+                next_step(self._situation(current, pending=approval_id), self._policy), Approve
+            )
+
         try:
-            self._parts.imds.approve([event.event_id], budget_seconds=step.budget_seconds)
+            self._parts.imds.approve(
+                [event.event_id], budget_seconds=step.budget_seconds, still_wanted=still_wanted
+            )
+        except ApprovalWithdrawn:
+            self._store.approval_finished(approval_id, "withdrawn", self._clock.now())
+            self._log.info("event.approval_withdrawn", event_id=event.event_id)
+            return True  # decide again: the newest document says what now
         except OperationCancelled:
             self._store.approval_finished(approval_id, "interrupted", self._clock.now())
             return False

@@ -80,6 +80,10 @@ class OperationCancelled(AgentError):
     """The stop flag was set while an operation waited (for a retry, say)."""
 
 
+class ApprovalWithdrawn(AgentError):
+    """Between two tries of an approval POST, the decision changed: no more tries."""
+
+
 class HookError(AgentError):
     """A hook or hook directory that the agent refuses to run; ``path`` names it."""
 

@@ -70,7 +70,7 @@ _ISO8601 = re.compile(
 _DIGITS = re.compile(r"^\s*\d{1,19}\s*$")
 # SQLite keeps integers in 64 bits: a larger incarnation is no incarnation Azure would write.
 MAX_INCARNATION = 2**63 - 1
-_SIGNED_DIGITS = re.compile(r"^\s*-?\d+\s*$")
+_SIGNED_DIGITS = re.compile(r"^\s*-?\d{1,19}\s*$")
 
 
 def parse_not_before(text: str) -> datetime | None:
@@ -383,13 +383,20 @@ def _optional_integer(raw: Mapping[str, object], key: str, path: str) -> int | N
     value = raw.get(key)
     if value is None:
         return None
+    number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # 5.0 means 5: nothing else is meant
-    if isinstance(value, str) and _SIGNED_DIGITS.match(value):
-        return int(value)
-    raise DocumentError(f"expected an integer, got {_describe(value)}", path=f"{path}.{key}")
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)  # 5.0 means 5: nothing else is meant
+    elif isinstance(value, str) and _SIGNED_DIGITS.match(value):
+        number = int(value)
+    if number is None:
+        raise DocumentError(f"expected an integer, got {_describe(value)}", path=f"{path}.{key}")
+    if not -(2**63) <= number <= MAX_INCARNATION:
+        raise DocumentError(
+            f"expected an integer within 64 bits, got {_describe(value)}", path=f"{path}.{key}"
+        )
+    return number
 
 
 def _resource_name(name: str) -> str:
@@ -423,7 +430,10 @@ def _json_type(value: object) -> str:
 
 
 def _describe(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for Python to print
+        text = "(too many digits to show)"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{_json_type(value)} {text}"

@@ -37,6 +37,7 @@ from tenacity.stop import stop_base
 
 from agent.clock import Clock
 from agent.errors import (
+    ApprovalWithdrawn,
     DocumentError,
     ImdsError,
     ImdsRequestRejected,
@@ -237,8 +238,12 @@ class ImdsClient:
         *,
         document_incarnation: int | None = None,
         budget_seconds: float | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> None:
-        """POST StartRequests for ``event_ids`` (as received) in one request."""
+        """POST StartRequests for ``event_ids`` (as received) in one request.
+
+        ``still_wanted`` is asked before every try, the first included: when it says no, the
+        POST is not sent (again) and ApprovalWithdrawn is raised."""
         if not event_ids:
             raise ValueError("approve() needs at least one EventId")
         url = self.scheduled_events_url
@@ -250,6 +255,8 @@ class ImdsClient:
         body = json.dumps(payload, separators=(",", ":")).encode()
 
         def attempt() -> None:
+            if still_wanted is not None and not still_wanted():
+                raise ApprovalWithdrawn(f"approval of {', '.join(event_ids)} no longer wanted")
             status, _, _ = self._send(
                 "POST", url, {"Content-Type": "application/json"}, body, self._timeouts.read
             )

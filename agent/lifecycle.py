@@ -185,6 +185,8 @@ class Situation:
     others_in_flight: bool  # another event is preparing, approving, approved or awaited
     recover_running: bool  # a recover hook of another event runs right now
     now: datetime
+    in_document: bool = True  # False while it is missing, within the grace
+    first_approval_attempt: datetime | None = None  # when the first (failed) POST began
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,8 @@ def next_step(situation: Situation, policy: Policy) -> Step:
         return Move("gone", "left the document")
     if not s.readable:
         return Wait("the newest document holds this event in a form that cannot be read")
+    if not s.in_document:
+        return Wait("missing from the newest document: gone, or back within the grace")
     if not fit.relevant:
         if s.state == PREPARING and not s.prepare.started:
             return Move("irrelevant_before_hooks", fit.reason)
@@ -286,9 +290,20 @@ def next_step(situation: Situation, policy: Policy) -> Step:
             return Move("approval_abandoned", decision.reason, "skipped", decision.code)
         if policy.dry_run:
             return Move("approval_abandoned", "dry run", "skipped", "dry_run")
-        if s.event.not_before is None:
-            return Approve(NO_DEADLINE_APPROVAL_SECONDS, decision.reason)
-        return Approve((s.event.not_before - s.now).total_seconds(), decision.reason)
+        if s.event.not_before is not None:
+            return Approve((s.event.not_before - s.now).total_seconds(), decision.reason)
+        # No NotBefore: POSTs that fail are tried again, for a bounded time.
+        spent = 0.0
+        if s.first_approval_attempt is not None:
+            spent = (s.now - s.first_approval_attempt).total_seconds()
+        if spent >= NO_DEADLINE_APPROVAL_SECONDS:
+            return Move(
+                "approval_abandoned",
+                f"the approval failed for {NO_DEADLINE_APPROVAL_SECONDS:.0f} s",
+                "failed",
+                "unavailable",
+            )
+        return Approve(NO_DEADLINE_APPROVAL_SECONDS - spent, decision.reason)
     return Nothing()  # approved or waiting: until the event leaves
 
 

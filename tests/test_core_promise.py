@@ -212,13 +212,20 @@ def test_an_event_that_leaves_for_a_moment_is_not_recovered_while_pending(
     event = live.add_event(type="Reboot", not_before_in_seconds=600)
     event_id = event["EventId"]
     wait_until(lambda: state_of(agent, event_id) == WAITING)
+    changed = {"outcome": "changed"}
+
+    def handled() -> float:
+        return sample(agent, "scheduled_events_agent_polls_total", changed) or 0.0
+
     with capture_logs() as logs:
+        before = handled()
         live.control("DELETE", f"events/{event_id}")
-        seen = live.control("GET", "stats").json()["requests"]
-        # Polls of the agent see the document without it (a poll is one request)...
-        wait_until(lambda: live.control("GET", "stats").json()["requests"] >= seen + 3)
+        # The agent has read the document without it...
+        wait_until(lambda: handled() > before)
+        before = handled()
+        # ...and it is back, the same event, still Scheduled.
         live.add_event(type="Reboot", event_id=event_id, not_before_in_seconds=600)
-        wait_until(lambda: live.control("GET", "stats").json()["requests"] >= seen + 6)
+        wait_until(lambda: handled() > before)
     assert state_of(agent, event_id) == WAITING
     assert not [line for line in calls(tmp_path) if "recover" in line]
     assert not [log for log in logs if log["event"] in ("event.gone", "event.reappeared")]
@@ -237,6 +244,25 @@ def test_an_event_is_gone_once_missing_for_the_grace(
     (gone,) = [log for log in logs if log["event"] == "event.gone"]
     assert gone["absent_seconds"] >= 0.6  # the harness's events.gone_grace_seconds
     assert f"end recover Reboot {event_id}" in calls(tmp_path)
+
+
+def test_run_once_polls_through_the_grace_and_recovers_an_event_that_left(
+    live: Emulator, tmp_path: Path
+) -> None:
+    event = live.add_event(type="Reboot", not_before_in_seconds=600)
+    first = build_agent(tmp_path, live.url, approval={"mode": "never"})
+    try:
+        assert first.daemon.run_once() == 0
+    finally:
+        first.close()
+    live.control("DELETE", f"events/{event['EventId']}")
+    second = build_agent(tmp_path, live.url, approval={"mode": "never"})
+    try:
+        assert second.daemon.run_once() == 0
+        assert state_of(second, event["EventId"]) == DONE
+    finally:
+        second.close()
+    assert calls(tmp_path)[-1] == f"end recover Reboot {event['EventId']}"
 
 
 def test_an_event_id_that_comes_back_after_it_was_over_is_worked_again(
@@ -300,6 +326,56 @@ def test_an_event_with_no_not_before_is_approved(
     agents.append(agent := start_agent(tmp_path, standin.url))
     wait_until(lambda: standin.approved_ids() == ["E-NB"])
     wait_until(lambda: state_of(agent, "E-NB") == "approved")
+
+
+def test_a_failing_post_is_not_tried_again_once_the_event_is_shared(
+    standin: StandIn, tmp_path: Path, agents: list[RunningAgent]
+) -> None:
+    standin.post_status = 503  # IMDS fails the POST: the agent tries again...
+    standin.serve({"DocumentIncarnation": 3, "Events": [wire_event("E-2", NotBefore="")]})
+    agents.append(agent := start_agent(tmp_path, standin.url))
+    wait_until(lambda: len(standin.posts) >= 1)
+    # ...and meanwhile the event comes to name another VM: approving would release it.
+    shared = wire_event("E-2", NotBefore="", Resources=["web_4", "web_5"])
+    standin.serve({"DocumentIncarnation": 4, "Events": [shared]})
+    wait_until(lambda: state_of(agent, "E-2") == WAITING, timeout=30)
+    tries = len(standin.posts)
+    standin.post_status = 200
+    record = agent.store.get("E-2")
+    assert record is not None and record.decision is not None
+    assert "shared with web_5" in record.decision
+    assert [a.outcome for a in agent.store.approvals("E-2")] == ["withdrawn"]
+    unchanged = {"outcome": "unchanged"}
+    polls = sample(agent, "scheduled_events_agent_polls_total", unchanged) or 0
+    wait_until(
+        lambda: (sample(agent, "scheduled_events_agent_polls_total", unchanged) or 0) > polls + 3
+    )
+    assert len(standin.posts) == tries  # no POST after the decision went to "no"
+
+
+def test_an_event_missing_from_the_newest_document_is_not_approved(
+    standin: StandIn, tmp_path: Path, agents: list[RunningAgent]
+) -> None:
+    standin.serve({"DocumentIncarnation": 3, "Events": [wire_event("E-3")]})
+    (tmp_path / "block-prepare-Reboot").touch()
+    agents.append(agent := start_agent(tmp_path, standin.url, events={"gone_grace_seconds": 30}))
+    wait_until((tmp_path / "pid-prepare-Reboot").exists)
+    # While the drain runs, the document holds only an entry that cannot be read.
+    unreadable = {**wire_event("E-3"), "EventId": None}
+    standin.serve({"DocumentIncarnation": 4, "Events": [unreadable]})
+    wait_until(lambda: sample(agent, "scheduled_events_agent_unreadable_events_total") == 1)
+    (tmp_path / "block-prepare-Reboot").unlink()
+    wait_until(lambda: "end prepare Reboot E-3" in calls(tmp_path))
+    wait_until(lambda: any(run.outcome == "succeeded" for run in agent.store.hook_runs("E-3")))
+    polls = sample(agent, "scheduled_events_agent_polls_total", {"outcome": "unchanged"}) or 0
+    wait_until(
+        lambda: (
+            (sample(agent, "scheduled_events_agent_polls_total", {"outcome": "unchanged"}) or 0)
+            > polls + 3
+        )
+    )
+    assert standin.posts == []
+    assert state_of(agent, "E-3") == "preparing"
 
 
 # 3. One bad field never blinds the agent --------------------------------------------------------

@@ -353,3 +353,10 @@ def test_every_well_formed_document_round_trips(raw: dict[str, Any]) -> None:
     # Same keys in the same order: Azure's order survives the trip.
     assert [list(written) for written in wire["Events"]] == [list(read) for read in raw["Events"]]
     assert parse_document(json.loads(json.dumps(wire))) == parsed
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, 2**63, -(2**63) - 1, 1e300])
+def test_a_duration_beyond_64_bits_is_unreadable_not_a_crash(value: Any) -> None:
+    parsed = parse_document(document(event(DurationInSeconds=value), event(EventId="A")))
+    assert [found.event_id for found in parsed.events] == ["A"]
+    assert parsed.unreadable[0].path == "$.Events[0].DurationInSeconds"

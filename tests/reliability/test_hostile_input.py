@@ -1,10 +1,11 @@
-"""Hostile input: 10,000 generated documents through the parser and the planner; hostile
+"""Hostile input: 10,000 generated documents through the parser and next_step; hostile
 strings in every field reach hooks only as data; a 10 MB document is refused cleanly."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +16,19 @@ from agent.clock import SystemClock
 from agent.errors import DocumentError, ImdsResponseInvalid
 from agent.events import parse_document, parse_document_bytes
 from agent.imds import ImdsClient, RetryPolicy
-from agent.lifecycle import APPROVED, IGNORED, PREPARING, WAITING, plan
+from agent.lifecycle import (
+    APPROVED,
+    APPROVING,
+    IGNORED,
+    PREPARING,
+    WAITING,
+    Move,
+    PhaseHooks,
+    Policy,
+    Situation,
+    next_step,
+    transition,
+)
 from tests.agent_harness import start_agent
 from tests.conftest import Emulator, wait_until
 
@@ -69,12 +82,15 @@ documents = (
 )
 
 COUNTS: Counter[str] = Counter()
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
 
 
 @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(documents, st.sampled_from([PREPARING, APPROVED, WAITING, IGNORED]))
-def test_generated_documents_through_the_parser_and_the_planner(
-    raw: Any, stored_state: str
+@given(
+    documents, st.sampled_from([PREPARING, APPROVING, APPROVED, WAITING, IGNORED]), st.booleans()
+)
+def test_generated_documents_through_the_parser_and_next_step(
+    raw: Any, stored_state: str, present: bool
 ) -> None:
     COUNTS["documents"] += 1
     try:
@@ -82,12 +98,30 @@ def test_generated_documents_through_the_parser_and_the_planner(
     except DocumentError:
         COUNTS["refused with DocumentError"] += 1
         return
-    known = {event.key: (stored_state, None) for event in document.events[:1]}
-    known["gone-event"] = (stored_state, None)
-    result = plan(document, known, "web_4", ["Reboot", "Preempt"])
-    assert "gone-event" in result.gone
+    COUNTS["unreadable entries set aside"] += len(document.unreadable)
+    policy = Policy(vm_name="web_4", types=("Reboot", "Preempt"))
+    drained = PhaseHooks(("10-drain",), {"10-drain": "succeeded"})
+    for event in document.events:
+        step = next_step(
+            Situation(
+                state=stored_state,
+                event=event,
+                present=present,
+                readable=True,
+                self_service=False,
+                prepare=drained,
+                recover=PhaseHooks((), {}),
+                approval_may_have_landed=False,
+                others_in_flight=False,
+                recover_running=False,
+                now=NOW,
+            ),
+            policy,
+        )
+        if isinstance(step, Move):
+            transition(event.event_id, stored_state, step.trigger)  # a legal move, always
     assert parse_document(json.loads(json.dumps(document.to_wire()))) == document
-    COUNTS["parsed and planned"] += 1
+    COUNTS["parsed and decided"] += 1
 
 
 def test_the_generated_count(tried: Counter[str]) -> None:
