@@ -55,6 +55,8 @@ from agent.hooks import (
     HookRunner,
     deadline_for,
     discover,
+    process_start,
+    stop_orphan,
 )
 from agent.imds import ImdsClient
 from agent.lifecycle import (
@@ -196,6 +198,7 @@ class Daemon:
             dry_run=self._parts.dry_run,
             poll_interval_seconds=self._config.imds.poll_interval_seconds,
         )
+        self._stop_orphans()
         interval = self._config.imds.poll_interval_seconds
         watcher = None
         if self._fleet is not None:
@@ -224,6 +227,18 @@ class Daemon:
         self._workers.join()
         self._log.info("agent.stopped")
         return 0
+
+    def _stop_orphans(self) -> None:
+        """Hooks a killed agent left running are stopped before any hook runs again: one hook
+        never runs twice at once for an event, whoever supervises the agent."""
+        for run_id, pid, started in self._store.orphaned_processes():
+            if stop_orphan(pid, started, self._config.hooks.kill_grace_seconds, self._clock):
+                self._log.warning(
+                    "hook.orphan_stopped",
+                    pid=pid,
+                    hook_run=run_id,
+                    reason="left running by an agent that died; it runs again from the start",
+                )
 
     def health(self) -> tuple[bool, str]:
         """For /healthz: healthy while the last successful poll is recent."""
@@ -263,6 +278,7 @@ class Daemon:
 
         1 when the poll failed or an approval could not be sent."""
         self._once = True  # no waiting for a fleet slot: the next run tries again
+        self._stop_orphans()
         if self._fleet is not None:
             self._fleet.resume(self._fleet_needed())
         if self.self_service is not None:
@@ -387,7 +403,10 @@ class Daemon:
             for event in document.events:
                 self._absent_since.pop(event.key, None)
                 self._gone.discard(event.key)
-                self._take_in(event, document.incarnation)
+                try:
+                    self._take_in(event, document.incarnation)
+                except Exception as error:  # one event must never stop the others, or the loop
+                    self._work_failed(event.key, error)
             for key in document.unreadable_ids():
                 self._absent_since.pop(key, None)
                 self._gone.discard(key)
@@ -774,6 +793,7 @@ class Daemon:
                 hook,
                 HookContext(phase, event, self._parts.vm_name, incarnation, deadline),
                 self._moving_deadline(phase, event, now, deadline),
+                lambda pid: self._store.hook_process(run_id, pid, process_start(pid)),
             )
             self._metrics.hook_run(
                 phase, result.outcome, (result.ended_at - result.started_at).total_seconds()

@@ -211,9 +211,12 @@ class HookRunner:
         hook: Hook,
         context: HookContext,
         deadline_of: Callable[[], datetime] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> HookResult:
         """Run ``hook`` to its end. ``deadline_of``, when given, is asked again while the hook
-        runs: a NotBefore that moves moves the deadline of the running hook too."""
+        runs: a NotBefore that moves moves the deadline of the running hook too. ``on_start``
+        is told each started process's PID (its process group), so that a crash leaves a
+        record of what may still run."""
         started_at = self._clock.now()
         log = self._log.bind(hook=hook.name, event_id=context.event.event_id, phase=context.phase)
         if hook.refusal is not None:
@@ -234,7 +237,7 @@ class HookRunner:
         while True:
             attempts += 1
             log.info("hook.started", attempt=attempts, deadline=iso_utc(context.deadline))
-            outcome, status = self._run_once(hook, context, deadline, log, tail)
+            outcome, status = self._run_once(hook, context, deadline, log, tail, on_start=on_start)
             if outcome != "tempfail":
                 break
             wait = min(self._tempfail_retry, deadline() - self._clock.monotonic())
@@ -267,6 +270,8 @@ class HookRunner:
         deadline: Callable[[], float],
         log: Any,
         tail: deque[str],
+        *,
+        on_start: Callable[[int], None] | None = None,
     ) -> tuple[str, int | None]:
         if deadline() - self._clock.monotonic() <= 0:
             return TIMED_OUT, None
@@ -289,6 +294,8 @@ class HookRunner:
             tail.append(message)
             return FAILED, None
         assert process.stdin is not None and process.stdout is not None
+        if on_start is not None:
+            on_start(process.pid)
         exited = threading.Event()
         threads = [
             threading.Thread(target=_feed, args=(process.stdin, context.stdin_json()), daemon=True),
@@ -328,6 +335,41 @@ class HookRunner:
         if not exited.wait(self._grace):
             _kill_group(pid, signal.SIGKILL)
             exited.wait()
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), to tell it from a reused PID."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def stop_orphan(pid: int, started: str | None, grace_seconds: float, clock: Clock) -> bool:
+    """Stop what is left of a hook run by an agent that died: its process group ``pid``.
+
+    The kernel never hands out a PID that is still some group's id, so while group ``pid``
+    exists it is that hook's; if its leader is alive with another start time, the PID was
+    reused after the group ended, and nothing is touched. True when something was stopped."""
+    leader = process_start(pid)
+    if leader is not None and started is not None and leader != started:
+        return False
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    _kill_group(pid, signal.SIGTERM)
+    deadline = clock.monotonic() + grace_seconds
+    while clock.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        clock.wait(0.05)
+    _kill_group(pid, signal.SIGKILL)
+    return True
 
 
 def _kill_group(pid: int, signal_number: int) -> None:

@@ -39,6 +39,7 @@ def event_summary(store: Store, record: EventRecord) -> dict[str, Any]:
     event = record.event
     return {
         "event_id": record.event_id,
+        "occurrence": record.occurrence,
         "type": record.event_type,
         "status": event.status,
         "first_status": record.first_status,
@@ -154,7 +155,9 @@ def history_text(events: list[dict[str, Any]]) -> str:
 
 def _event_lines(event: dict[str, Any]) -> list[str]:
     lines = [
-        f"{event['event_id']}  {event['type']}  {event['status']}  state={event['state']}",
+        f"{event['event_id']}"
+        + (f" (occurrence {event['occurrence']})" if event.get("occurrence", 1) > 1 else "")
+        + f"  {event['type']}  {event['status']}  state={event['state']}",
         f"  seen {event['first_seen']}, NotBefore {event['not_before'] or '-'},"
         f" resources {' '.join(event['resources']) or '-'}",
         f"  why: {event['decision'] or event['reason']}",

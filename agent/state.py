@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS hook_runs (
     outcome TEXT,
     exit_status INTEGER,
     attempts INTEGER,
-    output_tail TEXT
+    output_tail TEXT,
+    pid INTEGER,
+    process_start TEXT
 );
 CREATE INDEX IF NOT EXISTS hook_runs_by_event ON hook_runs(event_key, phase);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -317,7 +319,7 @@ class Store:
                     f"event {event.key} is {old.state}, not done: no new occurrence yet",
                     path=self.path,
                 )
-            kept = f"{old.key}#{old.occurrence}"
+            kept = occurrence_key(old.key, old.occurrence)
             # One transaction with the new record: a crash leaves the old one or both.
             renames = tuple(
                 (f"UPDATE {table} SET event_key = ? WHERE event_key = ?", (kept, old.key))  # noqa: S608
@@ -408,6 +410,20 @@ class Store:
         assert row_id is not None
         return row_id
 
+    def hook_process(self, run_id: int, pid: int, started: str | None) -> None:
+        """The process (group) a hook run started: stopped after a crash if still there."""
+        self._write(
+            "UPDATE hook_runs SET pid = ?, process_start = ? WHERE id = ?", (pid, started, run_id)
+        )
+
+    def orphaned_processes(self) -> list[tuple[int, int, str | None]]:
+        """(run id, pid, start) of every hook run never recorded back that started a process."""
+        rows = self._read(
+            "SELECT id, pid, process_start FROM hook_runs"
+            " WHERE ended_at IS NULL AND pid IS NOT NULL"
+        )
+        return [(row["id"], row["pid"], row["process_start"]) for row in rows]
+
     def hook_finished(self, run_id: int, result: HookResult) -> None:
         self._write(
             "UPDATE hook_runs SET ended_at = ?, outcome = ?, exit_status = ?, attempts = ?,"
@@ -475,6 +491,12 @@ class Store:
 
     def meta(self) -> dict[str, str]:
         return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM meta")}
+
+
+def occurrence_key(key: str, occurrence: int) -> str:
+    """Where an earlier occurrence of ``key`` is kept. No EventId of a document can take it:
+    the parser refuses EventIds with control characters."""
+    return f"{key}\x00{occurrence}"
 
 
 def _insert_event(

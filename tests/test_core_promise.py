@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.lifecycle import APPROVING, DONE, IGNORED, RECOVERING, WAITING
+from agent.state import occurrence_key
 from tests.agent_harness import RunningAgent, build_agent, calls, start_agent
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.fleet_harness import FleetLockServer
@@ -112,7 +113,7 @@ def test_a_prepared_event_that_no_longer_names_this_vm_is_recovered(
     wait_until(lambda: f"end recover Reboot {event_id}" in calls(tmp_path))
     # Still in the document for web_5: recorded again, as another VM's event.
     wait_until(lambda: state_of(agent, event_id) == IGNORED)
-    assert agent.store.get(f"{event_id.lower()}#1") is not None
+    assert agent.store.get(occurrence_key(event_id.lower(), 1)) is not None
     assert approved_ids(live) == []
 
 
@@ -275,10 +276,27 @@ def test_an_event_id_that_comes_back_after_it_was_over_is_worked_again(
     live.add_event(type="Reboot", event_id=event_id, not_before_in_seconds=600)
     wait_until(lambda: approved_ids(live) == [event_id, event_id])
     assert calls(tmp_path).count(f"end prepare Reboot {event_id}") == 2
-    first = agent.store.get(f"{event_id.lower()}#1")
+    first = agent.store.get(occurrence_key(event_id.lower(), 1))
     second = agent.store.get(event_id)
     assert first is not None and first.state == DONE and first.occurrence == 1
     assert second is not None and second.occurrence == 2
+
+
+def test_an_event_id_that_looks_like_a_kept_occurrence_takes_nothing_from_it(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent]
+) -> None:
+    agents.append(agent := start_agent(tmp_path, live.url))
+    live.add_event(type="Reboot", event_id="E", started_for_seconds=0.2)
+    wait_until(lambda: state_of(agent, "E") == DONE)
+    live.add_event(type="Reboot", event_id="E#1", started_for_seconds=0.2)
+    wait_until(lambda: approved_ids(live) == ["E", "E#1"])
+    live.add_event(type="Reboot", event_id="E", not_before_in_seconds=600)
+    wait_until(lambda: approved_ids(live) == ["E", "E#1", "E"])
+    kept = agent.store.get(occurrence_key("e", 1))
+    again = agent.store.get("e")
+    assert kept is not None and kept.state == DONE
+    assert again is not None and again.occurrence == 2
+    assert agent.thread is not None and agent.thread.is_alive()
 
 
 def test_recover_hooks_wait_while_another_event_is_prepared_or_approved(

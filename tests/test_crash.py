@@ -146,6 +146,35 @@ def test_killed_during_a_prepare_hook_runs_that_hook_again(
     assert_exactly_once(tmp_path, event_id, live, prepare=2)
 
 
+def test_a_hook_left_running_by_a_killed_agent_is_stopped_before_it_runs_again(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    # No systemd here to kill the dead agent's process group: the restarted agent must.
+    (tmp_path / "block-prepare-Reboot").touch()
+    processes.append(agent := AgentProcess(tmp_path, live.url))
+    live.add_event(type="Reboot", not_before_in_seconds=120)
+    wait_until((tmp_path / "pid-prepare-Reboot").exists, timeout=30)
+    orphan = int((tmp_path / "pid-prepare-Reboot").read_text())
+    (tmp_path / "pid-prepare-Reboot").unlink()
+    agent.kill()
+    os.killpg(orphan, 0)  # the hook outlived the agent
+    processes.append(AgentProcess(tmp_path, live.url))
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(orphan, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(group_gone, timeout=30)
+    # Only then does the hook start again, so its two runs never overlap.
+    wait_until((tmp_path / "pid-prepare-Reboot").exists, timeout=30)
+    starts = [line for line in calls(tmp_path) if line.startswith("start prepare")]
+    assert len(starts) == 2
+    (tmp_path / "block-prepare-Reboot").unlink()
+
+
 def test_killed_between_the_hooks_and_the_approval(
     live: Emulator, tmp_path: Path, processes: list[AgentProcess]
 ) -> None:
