@@ -351,25 +351,37 @@ def stop_orphan(pid: int, started: str | None, grace_seconds: float, clock: Cloc
     """Stop what is left of a hook run by an agent that died: its process group ``pid``.
 
     The kernel never hands out a PID that is still some group's id, so while group ``pid``
-    exists it is that hook's; if its leader is alive with another start time, the PID was
-    reused after the group ended, and nothing is touched. True when something was stopped."""
+    has live members they are that hook's; if its leader is alive with another start time, the
+    PID was reused after the group ended, and nothing is touched. Zombies (already dead, not
+    yet reaped) do not count. True when something was stopped."""
     leader = process_start(pid)
     if leader is not None and started is not None and leader != started:
         return False
-    try:
-        os.killpg(pid, 0)
-    except (ProcessLookupError, PermissionError):
+    if not _group_alive(pid):
         return False
     _kill_group(pid, signal.SIGTERM)
     deadline = clock.monotonic() + grace_seconds
     while clock.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not _group_alive(pid):
             return True
         clock.wait(0.05)
     _kill_group(pid, signal.SIGKILL)
     return True
+
+
+def _group_alive(group: int) -> bool:
+    """Whether process group ``group`` has a member that is not a zombie."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as stat_file:
+                fields = stat_file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if len(fields) > 2 and fields[2] == str(group) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _kill_group(pid: int, signal_number: int) -> None:

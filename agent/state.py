@@ -495,7 +495,7 @@ class Store:
 
 def occurrence_key(key: str, occurrence: int) -> str:
     """Where an earlier occurrence of ``key`` is kept. No EventId of a document can take it:
-    the parser refuses EventIds with control characters."""
+    the parser refuses EventIds that hold a NUL."""
     return f"{key}\x00{occurrence}"
 
 

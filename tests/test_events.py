@@ -362,8 +362,8 @@ def test_a_duration_beyond_64_bits_is_unreadable_not_a_crash(value: Any) -> None
     assert parsed.unreadable[0].path == "$.Events[0].DurationInSeconds"
 
 
-@pytest.mark.parametrize("event_id", ["E\x001", "E\n2", "E\x7f"])
-def test_an_event_id_with_control_characters_is_unreadable(event_id: str) -> None:
+@pytest.mark.parametrize("event_id", ["E\x001", "\x00"])
+def test_an_event_id_with_a_nul_is_unreadable(event_id: str) -> None:
     parsed = parse_document(document(event(EventId=event_id), event(EventId="A")))
     assert [found.event_id for found in parsed.events] == ["A"]
     assert parsed.unreadable[0].path == "$.Events[0].EventId"
