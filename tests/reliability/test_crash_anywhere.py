@@ -10,6 +10,7 @@ import random
 import signal
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +60,21 @@ def approvals_by_event(emulator: Emulator) -> Counter[str]:
     return received
 
 
+def left_unknown(store: Store, emulator: Emulator, key: str, restarted_at: datetime) -> bool:
+    """An approval the killed agent recorded but never sent (the emulator has none), for an
+    event still there; not one the restarted agent is sending right now."""
+    approvals = store.approvals(key)
+    return (
+        bool(approvals)
+        and approvals[-1].outcome is None
+        and datetime.fromisoformat(approvals[-1].started_at) < restarted_at
+        and approvals_by_event(emulator)[key] == 0
+        and any(
+            e["EventId"].lower() == key for e in emulator.control("GET", "events").json()["Events"]
+        )
+    )
+
+
 def one_run(emulator: Emulator, directory: Path, kill_after: float, tried: Counter[str]) -> None:
     directory.mkdir(mode=0o755)
     install_hooks(directory)
@@ -80,6 +96,7 @@ def one_run(emulator: Emulator, directory: Path, kill_after: float, tried: Count
     time.sleep(kill_after)
     first.kill()
     kill_orphans(directory)
+    restarted_at = datetime.now(timezone.utc)
     second = AgentProcess(directory, emulator.url, recording_hooks=False)
     try:
 
@@ -100,16 +117,7 @@ def one_run(emulator: Emulator, directory: Path, kill_after: float, tried: Count
                     # A kill between recording an approval and sending it leaves it unknown:
                     # the agent never risks a second POST, so the event waits for NotBefore.
                     # Play Azure's part and end it, and count the case.
-                    approvals = store.approvals(key)
-                    if (
-                        approvals
-                        and approvals[-1].outcome is None
-                        and approvals_by_event(emulator)[key] == 0
-                        and any(
-                            e["EventId"].lower() == key
-                            for e in emulator.control("GET", "events").json()["Events"]
-                        )
-                    ):
+                    if left_unknown(store, emulator, key, restarted_at):
                         emulator.control("POST", f"events/{key}/complete")
                         tried["approval sent-or-not window hit (not re-sent)"] += 1
             finally:
