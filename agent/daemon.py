@@ -552,10 +552,6 @@ class Daemon:
             and latest is not None
             and key in latest.unreadable_ids()
         )
-        in_flight = any(
-            other != key and state in IN_FLIGHT
-            for other, (state, _) in self._store.known_unfinished().items()
-        )
         approvals = [a for a in self._store.approvals(key) if a.id != pending]
         failed = [a for a in approvals if a.outcome == "failed"]
         return Situation(
@@ -567,7 +563,7 @@ class Daemon:
             prepare=self._phase_hooks(key, "prepare"),
             recover=self._phase_hooks(key, "recover"),
             approval_may_have_landed=any(a.outcome in ("succeeded", None) for a in approvals),
-            others_in_flight=in_flight,
+            others_in_flight=self._others_in_flight(key),
             recover_running=self._gate.recover_running(key),
             now=self._clock.now(),
             in_document=synthetic or current is not None or unreadable,

@@ -464,18 +464,22 @@ def test_an_out_of_range_incarnation_is_a_poll_failure_not_a_crash(
 # 4. Hook configuration fails closed -------------------------------------------------------------
 
 
+def assert_refused_without_approval(agent: RunningAgent, live: Emulator, fix: str) -> None:
+    """A Reboot comes: its prepare phase is refused, saying ``fix``, and nothing is approved."""
+    event_id = live.add_event(type="Reboot", not_before_in_seconds=600)["EventId"]
+    wait_until(lambda: state_of(agent, event_id) == WAITING)
+    assert approved_ids(live) == []
+    (run,) = agent.store.hook_runs(event_id, "prepare")
+    assert run.outcome == "refused"
+    assert run.output_tail is not None and fix in run.output_tail
+
+
 def test_a_missing_prepare_dir_holds_back_the_approval(
     live: Emulator, tmp_path: Path, agents: list[RunningAgent]
 ) -> None:
     missing = tmp_path / "prepare.typo"
     agents.append(agent := start_agent(tmp_path, live.url, hooks={"prepare_dir": str(missing)}))
-    event = live.add_event(type="Reboot", not_before_in_seconds=600)
-    event_id = event["EventId"]
-    wait_until(lambda: state_of(agent, event_id) == WAITING)
-    assert approved_ids(live) == []
-    (run,) = agent.store.hook_runs(event_id, "prepare")
-    assert run.outcome == "refused"
-    assert run.output_tail is not None and "does not exist" in run.output_tail
+    assert_refused_without_approval(agent, live, "does not exist")
 
 
 def test_a_prepare_hook_without_its_execute_bit_holds_back_the_approval(
@@ -483,13 +487,7 @@ def test_a_prepare_hook_without_its_execute_bit_holds_back_the_approval(
 ) -> None:
     agents.append(agent := start_agent(tmp_path, live.url))
     (tmp_path / "prepare.d" / "10-record").chmod(0o644)
-    event = live.add_event(type="Reboot", not_before_in_seconds=600)
-    event_id = event["EventId"]
-    wait_until(lambda: state_of(agent, event_id) == WAITING)
-    assert approved_ids(live) == []
-    (run,) = agent.store.hook_runs(event_id, "prepare")
-    assert run.outcome == "refused"
-    assert run.output_tail is not None and "chmod +x" in run.output_tail
+    assert_refused_without_approval(agent, live, "chmod +x")
 
 
 def test_an_empty_prepare_dir_still_means_no_hooks(
