@@ -397,6 +397,13 @@ def _fleet_holders(config: config_module.Config) -> dict[str, object]:
     return view
 
 
+def _say(text: str, **options: Any) -> None:
+    """Print a line that holds data from a document: control characters escaped."""
+    from agent.logs import printable
+
+    print(printable(text), **options)
+
+
 def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int:
     from agent.imds import ImdsClient
     from agent.state import Store
@@ -408,18 +415,18 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
     event = document.find(arguments.event_id)
     prefix = f"scheduled-events-agent approve: event {arguments.event_id}"
     if event is None:
-        print(
+        _say(
             f"{prefix} is not in the document (ids now: "
             f"{', '.join(e.event_id for e in document.events) or 'none'})",
             file=sys.stderr,
         )
         return EXIT_FAILURE
     if event.status != "Scheduled":
-        print(f"{prefix} is {event.status}: there is nothing to approve", file=sys.stderr)
+        _say(f"{prefix} is {event.status}: there is nothing to approve", file=sys.stderr)
         return EXIT_FAILURE
     others = [name for name in event.resources if name.lower() != vm_name.lower()]
     if others and not arguments.force:
-        print(
+        _say(
             f"{prefix} also names {', '.join(others)}: approving releases them too, ready or "
             "not (use --force if that is what you want)",
             file=sys.stderr,
@@ -428,7 +435,7 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
     store = Store(config.state.path)
     try:
         if store.approval_may_have_landed(event.key) and not arguments.force:
-            print(
+            _say(
                 f"{prefix} was approved already (see status; --force sends it again)",
                 file=sys.stderr,
             )
@@ -443,7 +450,7 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
     finally:
         store.close()
         imds.close()
-    print(f"approved {event.event_id} ({event.event_type}, {' '.join(event.resources)})")
+    _say(f"approved {event.event_id} ({event.event_type}, {' '.join(event.resources)})")
     return EXIT_OK
 
 

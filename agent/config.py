@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -52,6 +53,16 @@ class HooksConfig:
     timeout_seconds: float = 300.0
     kill_grace_seconds: float = 10.0
     tempfail_retry_seconds: float = 5.0
+    # Hooks get a clean environment; these names are passed through from the agent's own, and
+    # these fixed values set (e.g. KUBECONFIG). The agent's variables are never passed.
+    pass_environment: tuple[str, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict)
+    # Hook file name -> the event types it runs for; a hook not named runs for every type.
+    event_types: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # No hook runs for a Freeze of at most this many seconds (0: always run them); such an
+    # event is then approved at once ("approve") or left to Azure ("leave").
+    skip_freeze_up_to_seconds: float = 0.0
+    skipped_events: str = "leave"
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,55 @@ def _account_key(value: Any) -> str | None:
     return _text(value)
 
 
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _variable_problem(name: Any) -> str | None:
+    if not isinstance(name, str) or not _VARIABLE.fullmatch(name):
+        return f"{name!r} is not a variable name"
+    if name.startswith(("SCHEDULED_EVENTS_AGENT_", "SCHEDULED_EVENT_")):
+        return (
+            f"{name} is the agent's own (SCHEDULED_EVENTS_AGENT_*) or set by it"
+            " (SCHEDULED_EVENT_*): it cannot be given to hooks"
+        )
+    return None
+
+
+def _variable_names(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return f"expected a list of variable names like [KUBECONFIG, https_proxy], got {value!r}"
+    return "; ".join(filter(None, map(_variable_problem, value))) or None
+
+
+def _variable_values(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"expected a mapping like {{KUBECONFIG: /etc/kubernetes/admin.conf}}, got {value!r}"
+    problems = [problem for problem in map(_variable_problem, value) if problem]
+    problems += [
+        f"{name}: expected a text value without NUL, got {item!r}"
+        for name, item in value.items()
+        if not isinstance(item, str) or "\x00" in item
+    ]
+    return "; ".join(problems) or None
+
+
+def _hook_types(value: Any) -> str | None:
+    example = "{50-k8s-drain: [Reboot, Redeploy, Preempt, Terminate]}"
+    if not isinstance(value, dict):
+        return f"expected a mapping of hook file name to event types like {example}"
+    problems = []
+    for name, types in value.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            problems.append(f"{name!r}: expected a hook's file name (no directory)")
+        elif not isinstance(types, list) or not types:
+            problems.append(f"{name}: expected a list of event types, got {types!r}")
+        else:
+            message = _types(types)
+            if message:
+                problems.append(f"{name}: {message}")
+    return "; ".join(problems) or None
+
+
 def _self_service(value: Any) -> str | None:
     if not isinstance(value, dict):
         return f"expected a mapping, got {value!r}"
@@ -276,6 +336,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
             "timeout_seconds": _positive(24 * 3600),
             "kill_grace_seconds": _positive(600),
             "tempfail_retry_seconds": _positive(600),
+            "pass_environment": _variable_names,
+            "environment": _variable_values,
+            "event_types": _hook_types,
+            "skip_freeze_up_to_seconds": _non_negative(3600),
+            "skipped_events": _one_of("approve", "leave"),
         },
     ),
     "events": (
@@ -396,6 +461,9 @@ def _section(name: str, value: Any, problems: list[str]) -> Any:
         message = checks[key](item)
         if message:
             problems.append(f"{name}.{key}: {message}")
+            continue
+        if key == "event_types":
+            values[key] = {name: tuple(types) for name, types in item.items()}
             continue
         if key == "self_service":
             settings: dict[str, Any] = {

@@ -55,6 +55,7 @@ from agent.hooks import (
     HookRunner,
     deadline_for,
     discover,
+    hook_environment,
     process_start,
     stop_orphan,
 )
@@ -128,6 +129,8 @@ def assemble(
         log,
         kill_grace_seconds=config.hooks.kill_grace_seconds,
         tempfail_retry_seconds=config.hooks.tempfail_retry_seconds,
+        check_ownership=check_ownership,
+        environment=hook_environment(config.hooks.pass_environment, config.hooks.environment),
     )
     return Collaborators(
         config=config,
@@ -161,6 +164,8 @@ class Daemon:
             mode=parts.config.approval.mode,
             shared_events=parts.config.approval.shared_events,
             dry_run=parts.dry_run,
+            skip_freeze_up_to_seconds=parts.config.hooks.skip_freeze_up_to_seconds,
+            skipped_events=parts.config.hooks.skipped_events,
         )
         self._latest: ScheduledEventsDocument | None = None
         self._handled: ScheduledEventsDocument | None = None
@@ -560,8 +565,8 @@ class Daemon:
             present=key not in self._gone and (synthetic or record.gone_at is None),
             readable=not unreadable,
             self_service=synthetic,
-            prepare=self._phase_hooks(key, "prepare"),
-            recover=self._phase_hooks(key, "recover"),
+            prepare=self._phase_hooks(key, "prepare", record.event_type),
+            recover=self._phase_hooks(key, "recover", record.event_type),
             approval_may_have_landed=any(a.outcome in ("succeeded", None) for a in approvals),
             others_in_flight=self._others_in_flight(key),
             recover_running=self._gate.recover_running(key),
@@ -575,11 +580,19 @@ class Daemon:
         directory = Path(settings.prepare_dir if phase == "prepare" else settings.recover_dir)
         return discover(directory, check_ownership=self._parts.check_ownership)
 
-    def _phase_hooks(self, key: str, phase: str) -> PhaseHooks:
+    def _phase_hooks(self, key: str, phase: str, event_type: str) -> PhaseHooks:
+        """The phase's hooks for an event of ``event_type`` (hooks.event_types), and the
+        outcome of each one's latest run."""
         latest: dict[str, str | None] = {}
         for run in self._store.hook_runs(key, phase):
             latest[run.hook] = run.outcome
-        return PhaseHooks(tuple(hook.name for hook in self._hooks(phase)), latest)
+        only = self._config.hooks.event_types
+        names = tuple(
+            hook.name
+            for hook in self._hooks(phase)
+            if hook.name not in only or event_type in only[hook.name]
+        )
+        return PhaseHooks(names, latest)
 
     def _step(self, key: str) -> bool:
         """Carry out the next step of one event; False when there is nothing more to do now."""
@@ -636,6 +649,10 @@ class Daemon:
             decision = reason
         elif step.trigger == "gone" and record.state == PREPARING:
             self._log.info("event.prepare_cut_short", event_id=record.event_id)
+        elif step.trigger == "hooks_needed":
+            if self._fleet is not None:
+                self._fleet.stop_waiting(key, missed=False)
+            self._log.info("event.hooks_needed", event_id=record.event_id, reason=reason)
         elif step.trigger in ("no_longer_relevant", "irrelevant_before_hooks", "became_relevant"):
             self._log.info(
                 "event.relevance_changed",
@@ -651,10 +668,9 @@ class Daemon:
         state = self._store.move(key, step.trigger, now, decision=decision, reason=relevance_reason)
         if step.trigger == "recovered":
             self._log.info(
-                "event.recovered"
-                if reason == "recover hooks succeeded"
-                else "event.recover_failed",
+                "event.recover_failed" if reason == "recover hooks failed" else "event.recovered",
                 event_id=record.event_id,
+                reason=reason,
             )
         if state == DONE:
             self._finished(record, reason)
@@ -825,7 +841,7 @@ class Daemon:
         True when all succeeded (no hooks counts), False at the first failure, None if stopped.
         """
         while True:
-            name, succeeded = self._phase_hooks(event.key, "prepare").progress()
+            name, succeeded = self._phase_hooks(event.key, "prepare", event.event_type).progress()
             if name is None:
                 return succeeded
             if self._stop.is_set():

@@ -13,6 +13,7 @@ IllegalTransition naming the event, its state and the trigger.
     recovering --recovered--> done
     preparing --gone_before_hooks--> done          ignored --gone--> done
     preparing --irrelevant_before_hooks--> ignored --became_relevant--> preparing
+    approving/waiting --hooks_needed--> preparing  (a Freeze skipped as short grew longer)
 
 ``next_step`` is the whole of "what now for this event": given the stored record, the event's
 form in the newest document, the hooks already run, the slot and the time, it returns one step.
@@ -59,6 +60,8 @@ TRANSITIONS: Mapping[tuple[str | None, str], str] = {
     (APPROVING, "no_longer_relevant"): RECOVERING,
     (APPROVED, "no_longer_relevant"): RECOVERING,
     (WAITING, "no_longer_relevant"): RECOVERING,
+    (APPROVING, "hooks_needed"): PREPARING,
+    (WAITING, "hooks_needed"): PREPARING,
 }
 
 
@@ -168,6 +171,21 @@ class Policy:
     mode: str = "on-success"
     shared_events: str = "skip"
     dry_run: bool = False
+    # hooks.skip_freeze_up_to_seconds (0: never skip) and hooks.skipped_events.
+    skip_freeze_up_to_seconds: float = 0.0
+    skipped_events: str = "leave"
+
+
+def short_freeze(event: ScheduledEvent, policy: Policy) -> str | None:
+    """Why no hook runs for ``event``: a Freeze of at most hooks.skip_freeze_up_to_seconds
+    (DurationInSeconds 0 to the limit; -1, unknown, is never short). None otherwise."""
+    limit = policy.skip_freeze_up_to_seconds
+    duration = event.duration_seconds
+    if limit <= 0 or event.event_type != "Freeze" or duration is None:
+        return None
+    if not 0 <= duration <= limit:
+        return None
+    return f"a Freeze of {duration} s (hooks.skip_freeze_up_to_seconds is {limit:g}): hooks skipped"
 
 
 @dataclass(frozen=True)
@@ -244,7 +262,10 @@ def next_step(situation: Situation, policy: Policy) -> Step:
         if s.readable and fit.relevant:
             return Move("became_relevant", fit.reason)
         return Nothing()
+    skipped = None if s.self_service or s.prepare.started else short_freeze(s.event, policy)
     if s.state == RECOVERING:
+        if skipped is not None and not s.recover.started:
+            return Move("recovered", f"recover hooks skipped: {skipped}")
         if s.others_in_flight:
             return Wait("another event of this VM is being prepared, approved or awaited")
         name, succeeded = s.recover.progress()
@@ -266,9 +287,16 @@ def next_step(situation: Situation, policy: Policy) -> Step:
         if s.state == PREPARING and not s.prepare.started:
             return Move("irrelevant_before_hooks", fit.reason)
         return Move("no_longer_relevant", fit.reason)
+    if s.state in (APPROVING, WAITING) and _hooks_needed(s, skipped):
+        return Move("hooks_needed", "no longer a short Freeze: its prepare hooks run")
     if s.state == PREPARING:
         if s.self_service:
             return Nothing()  # self-service runs its prepare hooks, then performMaintenance
+        if skipped is not None:
+            decision = _decision(s, policy, True, skipped)
+            if decision.approve:
+                return Move("prepared_approve", decision.reason)
+            return Move("prepared_no_approval", decision.reason, "skipped", decision.code)
         name, succeeded = s.prepare.progress()
         if name is not None:
             if s.recover_running:
@@ -285,7 +313,7 @@ def next_step(situation: Situation, policy: Policy) -> Step:
             )
         _, succeeded = s.prepare.progress()
         # Made again from the newest document before every POST: never an earlier decision.
-        decision = _decision(s, policy, bool(succeeded))
+        decision = _decision(s, policy, bool(succeeded), skipped)
         if not decision.approve:
             return Move("approval_abandoned", decision.reason, "skipped", decision.code)
         if policy.dry_run:
@@ -307,12 +335,36 @@ def next_step(situation: Situation, policy: Policy) -> Step:
     return Nothing()  # approved or waiting: until the event leaves
 
 
-def _decision(s: Situation, policy: Policy, prepare_succeeded: bool) -> Decision:
-    return decide_approval(
+def _hooks_needed(s: Situation, skipped: str | None) -> bool:
+    """A Freeze skipped as short has grown longer (or its hooks were added) before anything
+    was sent for it: it goes back to have its prepare hooks run."""
+    return (
+        skipped is None
+        and not s.self_service
+        and bool(s.prepare.names)
+        and not s.prepare.started
+        and not s.approval_may_have_landed
+        and s.event.status == SCHEDULED
+    )
+
+
+def _decision(
+    s: Situation, policy: Policy, prepare_succeeded: bool, skipped: str | None = None
+) -> Decision:
+    decision = decide_approval(
         s.event,
         vm_name=policy.vm_name,
         mode=policy.mode,
         shared_events=policy.shared_events,
-        prepare_succeeded=prepare_succeeded,
+        prepare_succeeded=prepare_succeeded or skipped is not None,
         now=s.now,
+    )
+    if skipped is None or decision.code not in ("prepare_succeeded", "mode_always"):
+        return decision  # not approved for reasons of its own (started, shared, mode never)
+    if policy.skipped_events == "approve":
+        return Decision(
+            True, f"{skipped}; approved at once (hooks.skipped_events is approve)", "short_freeze"
+        )
+    return Decision(
+        False, f"{skipped}; left to Azure (hooks.skipped_events is leave)", "short_freeze"
     )

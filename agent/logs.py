@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import unicodedata
 from typing import Any, TextIO
 
 import structlog
@@ -18,6 +19,38 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+# Characters that reorder text on a terminal (bidirectional overrides and isolates).
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ESC, CR, NUL, newline, C1) and
+    bidirectional controls written as escapes, like ``\\x1b``; the rest unchanged. Documents,
+    hook output and other agents' records are data, never terminal commands."""
+    if text.isprintable():
+        return text
+    return "".join(
+        _escape(character)
+        if unicodedata.category(character) == "Cc" or character in _BIDI_CONTROLS
+        else character
+        for character in text
+    )
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _printable_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """For the console: every text field made ``printable`` (JSON lines escape by themselves)."""
+    return {
+        key: printable(value) if isinstance(value, str) else value for key, value in event.items()
+    }
 
 
 def configure(format_name: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -37,6 +70,7 @@ def configure(format_name: str = "auto", level: str = "info", stream: TextIO | N
             structlog.processors.format_exc_info
             if use_json
             else structlog.processors.StackInfoRenderer(),
+            *(() if use_json else (_printable_values,)),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from agent.config import Config
-from agent.hooks import discover, ownership_problem
+from agent.hooks import directory_problem, discover
 
 
 def check_paths(config: Config, *, as_root: bool) -> list[str]:
@@ -25,7 +25,7 @@ def check_paths(config: Config, *, as_root: bool) -> list[str]:
         refusals = [hook.refusal for hook in hooks if hook.refusal is not None]
         if as_root and not refusals and directory.is_dir():
             # An empty directory has no hook to carry the directory's own problem.
-            problem = ownership_problem(directory, "hook directory")
+            problem = directory_problem(directory)
             refusals = [problem] if problem else []
         problems.extend(f"{key}: {refusal}" for refusal in dict.fromkeys(refusals))
     problem = _state_problem(config.state.path)

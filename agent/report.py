@@ -1,6 +1,9 @@
 """What ``status`` and ``history`` show: built from the state store, as text or as JSON.
 
-Pure over the store's records: no I/O beyond the reads the caller passes in.
+Pure over the store's records: no I/O beyond the reads the caller passes in. The text is for a
+terminal: every line is made printable (``logs.printable``), so an ESC sequence in an event's
+Resources, a hook's output or a fleet record reaches the screen as ``\x1b``, never raw. The
+JSON escapes control characters by itself.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.lifecycle import ACTIVE
+from agent.logs import printable
 from agent.state import EventRecord, Store
 
 
@@ -114,7 +118,7 @@ def status_text(report: dict[str, Any]) -> str:
         lines.append("no events pending")
     for event in report["events"]:
         lines.extend(_event_lines(event))
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def _fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
@@ -150,7 +154,7 @@ def history_text(events: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     for event in events:
         lines.extend(_event_lines(event))
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def _event_lines(event: dict[str, Any]) -> list[str]:

@@ -28,7 +28,9 @@ dir="{directory}"
 tag="$SCHEDULED_EVENT_PHASE-$SCHEDULED_EVENT_TYPE"
 echo "start $SCHEDULED_EVENT_PHASE $SCHEDULED_EVENT_TYPE $SCHEDULED_EVENT_ID" >> "$dir/calls.log"
 if [ -e "$dir/block-$tag" ]; then
-  echo $$ > "$dir/pid-$tag.tmp" && mv "$dir/pid-$tag.tmp" "$dir/pid-$tag"
+  # The hook's process group (its shepherd's): what a killed agent leaves running.
+  sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3 > "$dir/pid-$tag.tmp"
+  mv "$dir/pid-$tag.tmp" "$dir/pid-$tag"
   while [ -e "$dir/block-$tag" ]; do sleep 0.05; done
 fi
 if [ -e "$dir/fail-$tag" ]; then

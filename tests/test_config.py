@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,23 @@ from agent.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The one setting the example makes: which of the shipped example hooks run for which types.
+EXAMPLE_HOOK_TYPES = {
+    name: ("Reboot", "Redeploy", "Preempt", "Terminate")
+    for name in ("40-stop-service", "50-k8s-drain", "60-start-service", "90-k8s-uncordon")
+}
+
+
 def test_the_example_file_documents_exactly_the_defaults() -> None:
-    assert load(ROOT / "config.example.yaml") == Config()
+    example = load(ROOT / "config.example.yaml")
+    assert example.hooks.event_types == EXAMPLE_HOOK_TYPES
+    assert dataclasses.replace(example.hooks, event_types={}) == Config().hooks
+    assert dataclasses.replace(example, hooks=Config().hooks) == Config()
+
+
+def test_the_example_s_hook_types_name_shipped_example_hooks() -> None:
+    shipped = {path.name for path in (ROOT / "hooks").glob("*.d/*")}
+    assert set(EXAMPLE_HOOK_TYPES) <= shipped
 
 
 def test_the_example_file_names_every_key() -> None:

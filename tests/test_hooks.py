@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import re
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,6 +23,7 @@ from agent.hooks import (
     FAILED,
     INTERRUPTED,
     REFUSED,
+    SHEPHERD,
     SUCCEEDED,
     TIMED_OUT,
     Hook,
@@ -26,6 +31,8 @@ from agent.hooks import (
     HookRunner,
     deadline_for,
     discover,
+    hook_environment,
+    open_hook,
 )
 from tests.conftest import wait_until
 
@@ -187,6 +194,7 @@ def test_the_event_arrives_on_stdin_and_in_the_environment(tmp_path: Path) -> No
         "SCHEDULED_EVENT_PHASE": "prepare",
         "SCHEDULED_EVENT_VM_NAME": "web_4",
         "SCHEDULED_EVENT_DEADLINE": context.deadline.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "SCHEDULED_EVENT_HOOK_PATH": str(path),
     }
 
 
@@ -358,3 +366,249 @@ def test_a_prepare_deadline_is_the_earlier_of_timeout_and_not_before() -> None:
     assert deadline_for("recover", event, now, 3600) == now + timedelta(seconds=3600)
     later = datetime(2018, 1, 24, 22, 0, 0, tzinfo=timezone.utc)
     assert deadline_for("prepare", event, later, 60) == later + timedelta(seconds=60)
+
+
+# The file checked is the file run -------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the ownership checks apply when the agent runs as root"
+)
+
+
+def nobody() -> int:
+    return pwd.getpwnam("nobody").pw_uid
+
+
+def marker_script(path: Path, marker: Path, mode: int = 0o755) -> Path:
+    path.write_text(f"#!/bin/sh\nid -u > {marker}\n")
+    path.chmod(mode)
+    return path
+
+
+@needs_root
+def test_a_symlink_into_a_directory_another_user_owns_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, nobody(), -1)
+    marker_script(foreign / "target", tmp_path / "ran")
+    hooks = tmp_path / "prepare.d"
+    hooks.mkdir()
+    (hooks / "20-link").symlink_to(foreign / "target")
+    (hook,) = discover(hooks, check_ownership=True)
+    assert hook.refusal is not None
+    assert f"directory {foreign} on its path is owned by uid {nobody()}" in hook.refusal
+    assert f"chown root {foreign}" in hook.refusal
+    result = runner(check_ownership=True).run(
+        Hook("20-link", hooks / "20-link"), context_for(make_event())
+    )
+    assert result.outcome == REFUSED
+    assert not (tmp_path / "ran").exists()
+
+
+@needs_root
+def test_a_hook_is_checked_again_when_it_is_run(tmp_path: Path) -> None:
+    """Safe when the phase was planned, unsafe by the time it runs: refused, never run."""
+    hooks = tmp_path / "prepare.d"
+    hooks.mkdir()
+    target = tmp_path / "lib"
+    target.mkdir()
+    marker_script(target / "hook", tmp_path / "ran")
+    (hooks / "20-link").symlink_to(target / "hook")
+    (hook,) = discover(hooks, check_ownership=True)
+    assert hook.refusal is None
+    # Meanwhile (while an earlier hook ran) the directory holding the file was given away,
+    # and its new owner put its own world-writable script in place.
+    os.chown(target, nobody(), -1)
+    replacement = target / ".new"
+    marker_script(replacement, tmp_path / "replaced", mode=0o777)
+    os.chown(replacement, nobody(), -1)
+    replacement.rename(target / "hook")
+    result = runner(check_ownership=True).run(hook, context_for(make_event()))
+    assert result.outcome == REFUSED
+    assert f"directory {target} on its path is owned by uid {nobody()}" in result.output_tail
+    assert not (tmp_path / "replaced").exists()
+    assert not (tmp_path / "ran").exists()
+
+
+@needs_root
+def test_a_shared_sticky_directory_is_safe_only_for_roots_entries(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    hooks = tmp_path / "prepare.d"
+    hooks.mkdir()
+    marker_script(shared / "root-hook", tmp_path / "ran")
+    (hooks / "10-root").symlink_to(shared / "root-hook")
+    foreign = marker_script(shared / "their-hook", tmp_path / "theirs")
+    os.chown(foreign, nobody(), -1)
+    (hooks / "20-theirs").symlink_to(foreign)
+    theirs_link = shared / "their-link"
+    theirs_link.symlink_to(shared / "root-hook")
+    os.lchown(theirs_link, nobody(), -1)
+    (hooks / "30-their-link").symlink_to(theirs_link)
+    found = {hook.name: hook.refusal for hook in discover(hooks, check_ownership=True)}
+    assert found["10-root"] is None
+    assert found["20-theirs"] is not None and "inside the shared directory" in found["20-theirs"]
+    assert found["30-their-link"] is not None and "owned by uid" in found["30-their-link"]
+
+
+@needs_root
+def test_a_hook_directory_anyone_may_write_refuses_its_hooks(tmp_path: Path) -> None:
+    hooks = tmp_path / "prepare.d"
+    script(hooks, "10-a", "exit 0\n")
+    hooks.chmod(0o777)
+    (hook,) = discover(hooks, check_ownership=True)
+    assert hook.refusal is not None and f"chmod go-w {hooks}" in hook.refusal
+
+
+def test_what_runs_is_the_descriptor_that_was_checked(tmp_path: Path) -> None:
+    """Replacing the file between the check and the exec changes nothing: the shepherd
+    executes the descriptor opened for the check."""
+    path = marker_script(tmp_path / "10-a", tmp_path / "original")
+    fd, refusal = open_hook(path, check_ownership=os.geteuid() == 0)
+    assert fd is not None, refusal
+    try:
+        marker_script(tmp_path / ".swap", tmp_path / "swapped").rename(path)
+        status_read, status_write = os.pipe()
+        shepherd = subprocess.run(
+            [sys.executable, "-I", "-S", SHEPHERD, str(fd), str(status_write), "1", str(path)],
+            pass_fds=(fd, status_write),
+            env=hook_environment(),
+            timeout=30,
+            check=False,
+        )
+        os.close(status_write)
+        report = json.loads(os.read(status_read, 4096))
+        os.close(status_read)
+    finally:
+        os.close(fd)
+    assert shepherd.returncode == 0
+    assert report == {"wait_status": 0, "killed": 0}
+    assert (tmp_path / "original").exists()
+    assert not (tmp_path / "swapped").exists()
+
+
+# A hook gets only what it needs ---------------------------------------------------------------
+
+
+def test_hooks_get_a_clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN", "sv=secret-sas")
+    monkeypatch.setenv("SCHEDULED_EVENTS_AGENT_FLEET_ACCOUNT_KEY", "secret-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-hooks")
+    monkeypatch.setenv("KUBECONFIG", "/etc/kubernetes/admin.conf")
+    monkeypatch.setenv("PATH", f"{tmp_path}/evil:/usr/bin:/bin")
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    out = tmp_path / "env"
+    path = script(tmp_path / "hooks", "10-a", f"env > {out}\n")
+    environment = hook_environment(
+        ["KUBECONFIG", "NOT_SET"], {"HTTPS_PROXY": "http://127.0.0.1:3128"}
+    )
+    result = runner(environment=environment).run(Hook("10-a", path), context_for(make_event()))
+    assert result.outcome == SUCCEEDED
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert "secret" not in out.read_text()
+    assert not [name for name in seen if name.startswith("SCHEDULED_EVENTS_AGENT_")]
+    assert "AWS_SECRET_ACCESS_KEY" not in seen and "NOT_SET" not in seen
+    assert seen["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert seen["KUBECONFIG"] == "/etc/kubernetes/admin.conf"
+    assert seen["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+    assert seen["TZ"] == "Europe/Berlin" and seen["LANG"] == "de_DE.UTF-8"
+    assert seen["HOME"] == pwd.getpwuid(os.geteuid()).pw_dir
+    assert seen["SCHEDULED_EVENT_TYPE"] == "Reboot"
+    # What is left is the shell's own (PWD, SHLVL, _) and the locale: nothing else of the agent's.
+    shell = {"PWD", "SHLVL", "_", "OLDPWD"}
+    assert {name for name in seen if not name.startswith("LC_")} - shell == {
+        "PATH",
+        "LANG",
+        "TZ",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "KUBECONFIG",
+        "HTTPS_PROXY",
+        *(name for name in seen if name.startswith("SCHEDULED_EVENT_")),
+    }
+
+
+def test_the_agent_s_variables_cannot_be_configured_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN", "sv=secret")
+    environment = hook_environment(
+        ["SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN"], {"SCHEDULED_EVENT_ID": "forged"}
+    )
+    assert "SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN" not in environment
+    assert "SCHEDULED_EVENT_ID" not in environment
+
+
+def test_the_json_on_stdin_is_one_line_ending_with_a_newline(tmp_path: Path) -> None:
+    out = tmp_path / "line"
+    # `read` fails (status 1) at an end of input without a newline, and `set -e` fails the hook.
+    path = script(tmp_path, "10-a", f"set -e\nread -r line\nprintf '%s' \"$line\" > {out}\n")
+    result = runner().run(Hook("10-a", path), context_for(make_event()))
+    assert result.outcome == SUCCEEDED, result.output_tail
+    assert json.loads(out.read_text())["event"]["EventType"] == "Reboot"
+
+
+# A finished hook leaves nothing behind --------------------------------------------------------
+
+ESCAPE = (
+    "setsid sh -c 'echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; sleep 7; echo LEAKED; exec sleep 25'"
+    " &\nwhile [ ! -s {pid} ]; do sleep 0.01; done\n"
+)
+
+
+def test_a_child_escaped_into_a_new_session_is_killed_when_the_hook_ends(tmp_path: Path) -> None:
+    pid = tmp_path / "escaped"
+    path = script(tmp_path / "hooks", "10-a", ESCAPE.format(pid=pid) + "exit 0\n")
+    with capture_logs() as logs:
+        result = runner().run(Hook("10-a", path), context_for(make_event()))
+    assert result.outcome == SUCCEEDED
+    escaped = int(pid.read_text())
+    assert process_gone(escaped)  # at once: the run does not end before its children
+    (killed,) = [entry for entry in logs if entry["event"] == "hook.descendants_killed"]
+    assert killed["count"] == 2  # the escaped shell and its sleep
+    assert "LEAKED" not in result.output_tail
+
+
+def test_escaped_children_of_a_stopped_hook_get_sigterm_then_sigkill(tmp_path: Path) -> None:
+    pid = tmp_path / "escaped"
+    body = (
+        'setsid sh -c \'trap "" TERM; echo $$ > {pid}.tmp; mv {pid}.tmp {pid};'
+        " while :; do sleep 0.1; done' &\nwhile [ ! -s {pid} ]; do sleep 0.01; done\nsleep 300\n"
+    )
+    path = script(tmp_path / "hooks", "10-a", body.format(pid=pid))
+    result = runner(kill_grace_seconds=0.5).run(
+        Hook("10-a", path), context_for(make_event(), seconds=1)
+    )
+    assert result.outcome == TIMED_OUT
+    assert process_gone(int(pid.read_text()))
+
+
+def test_each_hook_s_output_is_its_own(tmp_path: Path) -> None:
+    """10-a leaves a process holding its output; 20-b's lines are 20-b's, every one."""
+    hooks = tmp_path / "hooks"
+    first = script(hooks, "10-a", ESCAPE.format(pid=tmp_path / "escaped") + "exit 0\n")
+    lines = [f"b-line-{number}" for number in range(1, 7)]
+    body = "sleep 2.5\n" + "".join(f"echo {line}\nsleep 0.5\n" for line in lines)
+    second = script(hooks, "20-b", body)
+    hook_runner = runner()
+    with capture_logs() as logs:
+        results = [
+            hook_runner.run(Hook("10-a", first), context_for(make_event())),
+            hook_runner.run(Hook("20-b", second), context_for(make_event())),
+        ]
+    assert [result.outcome for result in results] == [SUCCEEDED, SUCCEEDED]
+    output = [(entry["hook"], entry["line"]) for entry in logs if entry["event"] == "hook.output"]
+    assert output == [("20-b", line) for line in lines]
+    assert results[1].output_tail == "".join(f"{line}\n" for line in lines)
+
+
+def test_a_hook_that_cannot_be_executed_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "10-a"
+    path.write_text("no interpreter line\n")
+    path.chmod(0o755)
+    result = runner().run(Hook("10-a", path), context_for(make_event()))
+    assert result.outcome == FAILED
+    assert re.search(r"cannot be started: Exec format error", result.output_tail)

@@ -148,6 +148,11 @@ def situation(**fields: Any) -> Situation:
 POLICY = Policy(vm_name="web_4", types=DOCUMENTED)
 DRAINED = hooks("10-drain", **{"10_drain": "succeeded"})
 FIFTEEN_MINUTES = 15 * 60.0
+SKIP_LEAVE = Policy(vm_name="web_4", types=DOCUMENTED, skip_freeze_up_to_seconds=10)
+SKIP_APPROVE = Policy(
+    vm_name="web_4", types=DOCUMENTED, skip_freeze_up_to_seconds=10, skipped_events="approve"
+)
+SKIPPED = "a Freeze of 5 s (hooks.skip_freeze_up_to_seconds is 10): hooks skipped"
 
 CASES: list[tuple[str, dict[str, Any], Policy, Any]] = [
     # Preparing: one hook at a time, then the decision.
@@ -354,6 +359,127 @@ CASES: list[tuple[str, dict[str, Any], Policy, Any]] = [
         Move("gone_before_hooks", "left before any hook ran"),
     ),
     ("done is done", {"state": DONE}, POLICY, Nothing()),
+    # A short Freeze: no hooks, then what hooks.skipped_events says.
+    (
+        "a short Freeze is left to Azure without hooks",
+        {"event": event(EventType="Freeze", DurationInSeconds=5)},
+        SKIP_LEAVE,
+        Move(
+            "prepared_no_approval",
+            f"{SKIPPED}; left to Azure (hooks.skipped_events is leave)",
+            "skipped",
+            "short_freeze",
+        ),
+    ),
+    (
+        "a short Freeze is approved at once without hooks",
+        {"event": event(EventType="Freeze", DurationInSeconds=5)},
+        SKIP_APPROVE,
+        Move("prepared_approve", f"{SKIPPED}; approved at once (hooks.skipped_events is approve)"),
+    ),
+    (
+        "a skipped Freeze is approved again from the newest document",
+        {"state": APPROVING, "event": event(EventType="Freeze", DurationInSeconds=5)},
+        SKIP_APPROVE,
+        Approve(FIFTEEN_MINUTES, f"{SKIPPED}; approved at once (hooks.skipped_events is approve)"),
+    ),
+    (
+        "a Freeze of exactly the limit is short",
+        {"event": event(EventType="Freeze", DurationInSeconds=10)},
+        SKIP_LEAVE,
+        Move(
+            "prepared_no_approval",
+            "a Freeze of 10 s (hooks.skip_freeze_up_to_seconds is 10): hooks skipped;"
+            " left to Azure (hooks.skipped_events is leave)",
+            "skipped",
+            "short_freeze",
+        ),
+    ),
+    (
+        "a Freeze longer than the limit gets its hooks",
+        {"event": event(EventType="Freeze", DurationInSeconds=11)},
+        SKIP_APPROVE,
+        RunHook("prepare", "10-drain"),
+    ),
+    (
+        "a Freeze of unknown length gets its hooks",
+        {"event": event(EventType="Freeze", DurationInSeconds=-1)},
+        SKIP_APPROVE,
+        RunHook("prepare", "10-drain"),
+    ),
+    (
+        "a short Reboot is no Freeze: it gets its hooks",
+        {"event": event(EventType="Reboot", DurationInSeconds=5)},
+        SKIP_APPROVE,
+        RunHook("prepare", "10-drain"),
+    ),
+    (
+        "without the setting a short Freeze gets its hooks",
+        {"event": event(EventType="Freeze", DurationInSeconds=5)},
+        POLICY,
+        RunHook("prepare", "10-drain"),
+    ),
+    (
+        "a skipped Freeze still is not approved when shared",
+        {"event": event(EventType="Freeze", DurationInSeconds=5, Resources=["web_4", "web_5"])},
+        SKIP_APPROVE,
+        Move(
+            "prepared_no_approval",
+            "shared with web_5: approving would release them too (approval.shared_events is skip)",
+            "skipped",
+            "shared",
+        ),
+    ),
+    (
+        "a skipped Freeze that grew longer before its approval goes back for its hooks",
+        {"state": APPROVING, "event": event(EventType="Freeze", DurationInSeconds=30)},
+        SKIP_APPROVE,
+        Move("hooks_needed", "no longer a short Freeze: its prepare hooks run"),
+    ),
+    (
+        "a Freeze left to Azure that grew longer goes back for its hooks",
+        {"state": WAITING, "event": event(EventType="Freeze", DurationInSeconds=30)},
+        SKIP_LEAVE,
+        Move("hooks_needed", "no longer a short Freeze: its prepare hooks run"),
+    ),
+    (
+        "a skipped Freeze already approved stays as it is",
+        {
+            "state": APPROVED,
+            "event": event(EventType="Freeze", DurationInSeconds=30),
+            "approval_may_have_landed": True,
+        },
+        SKIP_APPROVE,
+        Nothing(),
+    ),
+    (
+        "a waiting event whose hooks ran does not go back",
+        {"state": WAITING, "prepare": DRAINED},
+        POLICY,
+        Nothing(),
+    ),
+    (
+        "a waiting event of a phase without hooks does not go back",
+        {"state": WAITING, "prepare": NO_HOOKS},
+        POLICY,
+        Nothing(),
+    ),
+    (
+        "a skipped Freeze gets no recover hooks either",
+        {"state": RECOVERING, "event": event(EventType="Freeze", DurationInSeconds=5)},
+        SKIP_LEAVE,
+        Move("recovered", f"recover hooks skipped: {SKIPPED}"),
+    ),
+    (
+        "a Freeze whose prepare hooks ran gets its recover hooks",
+        {
+            "state": RECOVERING,
+            "event": event(EventType="Freeze", DurationInSeconds=5),
+            "prepare": DRAINED,
+        },
+        SKIP_LEAVE,
+        RunHook("recover", "10-undrain"),
+    ),
 ]
 
 

@@ -1,0 +1,178 @@
+"""The shepherd of one hook run: the hook's parent, and the subreaper of all it starts.
+
+The agent starts this file as ``python -I -S shepherd.py HOOK_FD STATUS_FD GRACE NAME`` in a new
+session, with the hook's clean environment, its stdin and its output. It stands alone (standard
+library only) because it must start fast and must not import the agent.
+
+- It marks itself a child subreaper (``PR_SET_CHILD_SUBREAPER``): whatever the hook forks off,
+  even into a new session with ``setsid``, becomes its child when its parent dies, so it can be
+  found and killed. ``killpg`` alone cannot reach a new session.
+- It runs the hook from the descriptor HOOK_FD (``fexecve``): the very file the agent opened and
+  checked, whatever has been renamed or replaced on disk since. A script sees ``$0`` as
+  ``/dev/fd/HOOK_FD``, which stays open for its interpreter.
+- When the hook exits, every descendant still alive is killed (SIGKILL) and reaped.
+- SIGTERM (the agent stopping the run) goes on to every descendant; those left after GRACE
+  seconds are killed.
+- Last, it writes one JSON line to STATUS_FD: ``{"wait_status": W, "killed": K}``, or
+  ``{"error": "..."}`` when the hook could not be started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+PR_SET_CHILD_SUBREAPER = 36
+KILL_BOUND_SECONDS = 10.0
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """Live (not zombie) processes by parent PID, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        if len(fields) > 1 and fields[0] not in ("Z", "X"):
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def descendants(root: int) -> list[int]:
+    tree = children_by_parent()
+    found: list[int] = []
+    pending = list(tree.get(root, ()))
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(tree.get(pid, ()))
+    return found
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
+            return int(file.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def signal_descendants(signal_number: int) -> set[int]:
+    """Send ``signal_number`` to every live descendant; the PIDs it reached.
+
+    Each is held by a pidfd and checked again to still descend from us before the signal, so a
+    PID reused by a stranger in between is never signalled."""
+    me = os.getpid()
+    found = descendants(me)
+    family = {me, *found}
+    reached: set[int] = set()
+    for pid in found:
+        try:
+            handle = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone already
+        try:
+            if parent_of(pid) in family:
+                signal.pidfd_send_signal(handle, signal_number)
+                reached.add(pid)
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
+    return reached
+
+
+def reap_all() -> bool:
+    """Reap every child that has ended; False once there are no children at all."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
+def kill_everything_left() -> int:
+    """SIGKILL every descendant until none is left (orphans keep arriving as their parents
+    die); how many were killed."""
+    killed: set[int] = set()
+    ends = time.monotonic() + KILL_BOUND_SECONDS
+    while time.monotonic() < ends:
+        killed |= signal_descendants(signal.SIGKILL)
+        if not reap_all():
+            break
+        time.sleep(0.01)
+    return len(killed)
+
+
+def report(status_fd: int, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the agent is gone: nobody to tell
+        os.write(status_fd, (json.dumps(message) + "\n").encode("ascii"))
+
+
+def start_hook(hook_fd: int, name: str, status_fd: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.execve(hook_fd, [name], dict(os.environ))  # noqa: S606 (argv, never a shell)
+    except OSError as error:
+        report(status_fd, {"error": f"{error.strerror}"})
+    os._exit(127)
+
+
+def main(argv: list[str]) -> int:
+    hook_fd, status_fd = int(argv[1]), int(argv[2])
+    grace, name = float(argv[3]), argv[4]
+    os.set_inheritable(status_fd, False)
+    os.set_inheritable(hook_fd, True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        report(status_fd, {"error": f"cannot become a subreaper: {os.strerror(error)}"})
+        return 1
+
+    def stop(_signal: int, _frame: object) -> None:
+        signal_descendants(signal.SIGTERM)
+        signal.setitimer(signal.ITIMER_REAL, grace)
+
+    def kill(_signal: int, _frame: object) -> None:
+        signal_descendants(signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, kill)
+    signal.signal(signal.SIGTERM, stop)
+    hook = start_hook(hook_fd, name, status_fd)
+    os.close(hook_fd)
+    # The hook holds its stdin and output; the shepherd lets go of them, so that the agent sees
+    # the end of the output when the hook and what it started are gone.
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    while True:
+        try:
+            _, wait_status = os.waitpid(hook, 0)
+            break
+        except ChildProcessError:
+            wait_status = 127 << 8
+            break
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    killed = kill_everything_left()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report(status_fd, {"wait_status": wait_status, "killed": killed})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
