@@ -37,6 +37,7 @@ APPROVAL_REASONS = {
         "event_left",
         "dry_run",
         "no_fleet_slot",
+        "short_freeze",
     ),
 }
 POLL_OUTCOMES = ("changed", "unchanged", "failed")
