@@ -28,10 +28,29 @@ def check_paths(config: Config, *, as_root: bool) -> list[str]:
             problem = directory_problem(directory)
             refusals = [problem] if problem else []
         problems.extend(f"{key}: {refusal}" for refusal in dict.fromkeys(refusals))
+    problems.extend(_hook_type_problems(config))
     problem = _state_problem(config.state.path)
     if problem is not None:
         problems.append(f"state.path: {problem}")
     return problems
+
+
+def _hook_type_problems(config: Config) -> list[str]:
+    """Names in hooks.event_types that are no hook in either directory: a typo there leaves the
+    hook it meant running for every type. Only said when the directories can be listed."""
+    names: set[str] = set()
+    for value in (config.hooks.prepare_dir, config.hooks.recover_dir):
+        try:
+            names.update(os.listdir(value))
+        except OSError:
+            return []
+    return [
+        f"hooks.event_types: {name} is no hook in {config.hooks.prepare_dir} or"
+        f" {config.hooks.recover_dir} (a misspelt name leaves the hook meant running for every"
+        " event type)"
+        for name in config.hooks.event_types
+        if name not in names
+    ]
 
 
 def _state_problem(path_text: str) -> str | None:

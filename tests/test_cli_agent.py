@@ -331,3 +331,16 @@ def test_as_root_a_world_writable_hook_is_refused_and_blocks_approval(
     assert approved_ids(live) == []
     refused = [e for e in log_events(completed.stderr) if e["event"] == "hook.refused"]
     assert refused and "chmod go-w" in refused[0]["reason"]
+
+
+def test_check_config_names_a_hook_type_entry_that_is_no_hook(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        hooks={"event_types": {"10-record": ["Reboot"], "50-k8s-drian": ["Reboot"]}},
+    )
+    completed = agent("check-config", "--config", str(config))
+    assert completed.returncode == 2
+    problems = [line for line in completed.stderr.splitlines() if "check-config:" in line]
+    assert len(problems) == 1, completed.stderr
+    assert "hooks.event_types: 50-k8s-drian is no hook" in problems[0]

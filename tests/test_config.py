@@ -130,3 +130,48 @@ def test_invalid_yaml_is_reported_with_the_file(tmp_path: Path) -> None:
         load(path)
     assert str(path) in str(raised.value)
     assert "not valid YAML" in str(raised.value)
+
+
+def test_the_hook_settings_are_read() -> None:
+    hooks = parse(
+        {
+            "hooks": {
+                "pass_environment": ["KUBECONFIG", "https_proxy"],
+                "environment": {"HTTPS_PROXY": "http://127.0.0.1:3128"},
+                "event_types": {"50-k8s-drain": ["Reboot", "Terminate"]},
+                "skip_freeze_up_to_seconds": 10,
+                "skipped_events": "approve",
+            }
+        }
+    ).hooks
+    assert hooks.pass_environment == ("KUBECONFIG", "https_proxy")
+    assert hooks.environment == {"HTTPS_PROXY": "http://127.0.0.1:3128"}
+    assert hooks.event_types == {"50-k8s-drain": ("Reboot", "Terminate")}
+    assert hooks.skip_freeze_up_to_seconds == 10
+    assert hooks.skipped_events == "approve"
+
+
+def test_bad_hook_settings_are_refused_with_their_key() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(
+            {
+                "hooks": {
+                    "pass_environment": ["SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN", "NO SPACE"],
+                    "environment": {"SCHEDULED_EVENT_ID": "forged", "PORT": 8080},
+                    "event_types": {"50-k8s-drain": ["Reboot", "Nap"], "../x": ["Reboot"]},
+                    "skip_freeze_up_to_seconds": -1,
+                    "skipped_events": "sometimes",
+                }
+            }
+        )
+    text = str(raised.value)
+    assert (
+        "hooks.pass_environment: SCHEDULED_EVENTS_AGENT_FLEET_SAS_TOKEN is the agent's own" in text
+    )
+    assert "'NO SPACE' is not a variable name" in text
+    assert "hooks.environment: SCHEDULED_EVENT_ID is the agent's own" in text
+    assert "PORT: expected a text value" in text
+    assert "hooks.event_types: 50-k8s-drain: unknown event types ['Nap']" in text
+    assert "'../x': expected a hook's file name" in text
+    assert "hooks.skip_freeze_up_to_seconds: expected 0 to 3600" in text
+    assert "hooks.skipped_events:" in text
