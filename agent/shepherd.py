@@ -10,7 +10,8 @@ library only) because it must start fast and must not import the agent.
 - It runs the hook from the descriptor HOOK_FD (``fexecve``): the very file the agent opened and
   checked, whatever has been renamed or replaced on disk since. A script sees ``$0`` as
   ``/dev/fd/HOOK_FD``, which stays open for its interpreter.
-- When the hook exits, every descendant still alive is killed (SIGKILL) and reaped.
+- When the hook exits, every descendant still alive is killed (SIGKILL) and reaped: its
+  children one by one, then theirs as they become its own, until it has none.
 - SIGTERM (the agent stopping the run) goes on to every descendant; those left after GRACE
   seconds are killed.
 - Last, it writes one JSON line to STATUS_FD: ``{"wait_status": W, "killed": K}``, or
@@ -103,17 +104,52 @@ def reap_all() -> bool:
             return True
 
 
+def children() -> list[int]:
+    """Our own children, ended or not. A child's PID stays ours until we reap it, so signalling
+    one is never a stranger's. Read from /proc/self/task/*/children, which lists them even when
+    /proc hides other users' processes (systemd's ProtectProc=invisible) and a hook switched to
+    another user; from each process's parent in /proc when the kernel lacks that file."""
+    found: list[int] = []
+    try:
+        for task in os.scandir("/proc/self/task"):
+            with open(f"{task.path}/children", encoding="ascii") as file:
+                found.extend(int(pid) for pid in file.read().split())
+    except OSError:
+        return children_by_parent().get(os.getpid(), [])
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False  # hidden from us: count it as alive
+
+
 def kill_everything_left() -> int:
-    """SIGKILL every descendant until none is left (orphans keep arriving as their parents
-    die); how many were killed."""
+    """SIGKILL our children until none is left: as each dies, its own children become ours
+    (we are their subreaper), so the whole tree goes, whoever it runs as. How many were
+    killed (those not dead already)."""
     killed: set[int] = set()
     ends = time.monotonic() + KILL_BOUND_SECONDS
-    while time.monotonic() < ends:
-        killed |= signal_descendants(signal.SIGKILL)
-        if not reap_all():
-            break
-        time.sleep(0.01)
+    while reap_all() and time.monotonic() < ends:
+        for pid in children():
+            if pid in killed or is_zombie(pid):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.005)
     return len(killed)
+
+
+def signal_all(signal_number: int) -> None:
+    """``signal_number`` to every descendant /proc shows us and to each of our children."""
+    signal_descendants(signal_number)
+    for pid in children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal_number)
 
 
 def report(status_fd: int, message: dict[str, Any]) -> None:
@@ -144,11 +180,11 @@ def main(argv: list[str]) -> int:
         return 1
 
     def stop(_signal: int, _frame: object) -> None:
-        signal_descendants(signal.SIGTERM)
+        signal_all(signal.SIGTERM)
         signal.setitimer(signal.ITIMER_REAL, grace)
 
     def kill(_signal: int, _frame: object) -> None:
-        signal_descendants(signal.SIGKILL)
+        signal_all(signal.SIGKILL)
 
     signal.signal(signal.SIGALRM, kill)
     signal.signal(signal.SIGTERM, stop)

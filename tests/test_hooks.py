@@ -612,3 +612,31 @@ def test_a_hook_that_cannot_be_executed_says_why(tmp_path: Path) -> None:
     result = runner().run(Hook("10-a", path), context_for(make_event()))
     assert result.outcome == FAILED
     assert re.search(r"cannot be started: Exec format error", result.output_tail)
+
+
+AS_NOBODY = """#!{python}
+import os, pwd, time
+child = os.fork()
+if child == 0:
+    os.setsid()
+    os.setgid(pwd.getpwnam("nobody").pw_gid)
+    os.setuid(pwd.getpwnam("nobody").pw_uid)
+    os.execvp("sleep", ["sleep", "300"])
+with open("{pid}", "w") as file:
+    file.write(str(child))
+while open(f"/proc/{{child}}/cmdline", "rb").read() != b"sleep\\x00300\\x00":
+    time.sleep(0.01)
+"""
+
+
+@needs_root
+def test_a_descendant_running_as_another_user_is_killed_too(tmp_path: Path) -> None:
+    pid = tmp_path / "escaped"
+    path = tmp_path / "hooks" / "10-a"
+    path.parent.mkdir()
+    path.write_text(AS_NOBODY.format(python=sys.executable, pid=pid))
+    path.chmod(0o755)
+    result = runner(check_ownership=True).run(Hook("10-a", path), context_for(make_event()))
+    assert result.outcome == SUCCEEDED, result.output_tail
+    escaped = int(pid.read_text())
+    assert process_gone(escaped)
