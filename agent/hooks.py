@@ -601,6 +601,7 @@ class HookRunner:
         is left after the grace period; the whole process group is killed if it does not."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a hook may have stopped its shepherd
         if not exited.wait(self._grace + SHEPHERD_MARGIN_SECONDS):
             _kill_group(pid, signal.SIGKILL)
             exited.wait()

@@ -161,6 +161,9 @@ def start_hook(hook_fd: int, name: str, status_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
+    # Python ignores SIGPIPE and SIGXFSZ; a hook starts with every signal at its default.
+    for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(number, signal.SIG_DFL)
     try:
         os.execve(hook_fd, [name], dict(os.environ))  # noqa: S606 (argv, never a shell)
     except OSError as error:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.errors import StateError
 from agent.state import Store
 from tests.agent_harness import config_for
 from tests.conftest import Emulator, approved_ids, wait_until
@@ -58,9 +59,10 @@ class Agent:
         return done.stdout
 
     def state(self, event_id: str) -> str | None:
-        if not (self.directory / "state.db").exists():
-            return None  # the agent has not started yet
-        store = Store(self.directory / "state.db", read_only=True)
+        try:
+            store = Store(self.directory / "state.db", read_only=True)
+        except StateError:
+            return None  # the agent has not created its store yet
         try:
             record = store.get(event_id)
             return record.state if record else None

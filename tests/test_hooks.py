@@ -640,3 +640,21 @@ def test_a_descendant_running_as_another_user_is_killed_too(tmp_path: Path) -> N
     assert result.outcome == SUCCEEDED, result.output_tail
     escaped = int(pid.read_text())
     assert process_gone(escaped)
+
+
+def test_a_hook_starts_with_no_signal_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "status"
+    path = script(tmp_path, "10-a", f"grep SigIgn /proc/$$/status > {out}\n")
+    assert runner().run(Hook("10-a", path), context_for(make_event())).outcome == SUCCEEDED
+    assert out.read_text().split() == ["SigIgn:", "0000000000000000"]
+
+
+def test_a_hook_that_stops_its_shepherd_still_leaves_nothing_behind(tmp_path: Path) -> None:
+    pid = tmp_path / "escaped"
+    body = ESCAPE.format(pid=pid) + "kill -STOP $PPID\nexit 0\n"
+    path = script(tmp_path / "hooks", "10-a", body)
+    result = runner(kill_grace_seconds=0.5).run(
+        Hook("10-a", path), context_for(make_event(), seconds=1)
+    )
+    assert result.outcome == TIMED_OUT
+    wait_until(lambda: process_gone(int(pid.read_text())))
