@@ -74,6 +74,7 @@ from agent.lifecycle import (
     Wait,
     next_step,
     relevance,
+    was_skipped,
 )
 from agent.maintenance import parse_iso
 from agent.metrics import Metrics, type_label
@@ -573,6 +574,7 @@ class Daemon:
             now=self._clock.now(),
             in_document=synthetic or current is not None or unreadable,
             first_approval_attempt=parse_iso(failed[0].started_at) if failed else None,
+            skipped_before=was_skipped(record.decision),
         )
 
     def _hooks(self, phase: str) -> list[Hook]:

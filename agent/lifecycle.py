@@ -185,7 +185,15 @@ def short_freeze(event: ScheduledEvent, policy: Policy) -> str | None:
         return None
     if not 0 <= duration <= limit:
         return None
-    return f"a Freeze of {duration} s (hooks.skip_freeze_up_to_seconds is {limit:g}): hooks skipped"
+    return f"a Freeze of {duration} s (hooks.skip_freeze_up_to_seconds is {limit:g}): {SKIP_MARK}"
+
+
+SKIP_MARK = "hooks skipped"
+
+
+def was_skipped(decision: str | None) -> bool:
+    """Whether a stored approval decision is one ``short_freeze`` made."""
+    return decision is not None and decision.startswith("a Freeze of") and SKIP_MARK in decision
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,7 @@ class Situation:
     recover_running: bool  # a recover hook of another event runs right now
     now: datetime
     in_document: bool = True  # False while it is missing, within the grace
+    skipped_before: bool = False  # its prepare hooks were skipped as a short Freeze
     first_approval_attempt: datetime | None = None  # when the first (failed) POST began
 
 
@@ -264,8 +273,10 @@ def next_step(situation: Situation, policy: Policy) -> Step:
         return Nothing()
     skipped = None if s.self_service or s.prepare.started else short_freeze(s.event, policy)
     if s.state == RECOVERING:
-        if skipped is not None and not s.recover.started:
-            return Move("recovered", f"recover hooks skipped: {skipped}")
+        if not s.prepare.started and not s.recover.started and (skipped or s.skipped_before):
+            # Skipped then, skipped now: Azure changing the event later does not undo that.
+            why = skipped or "its prepare hooks were skipped as a short Freeze"
+            return Move("recovered", f"recover hooks skipped: {why}")
         if s.others_in_flight:
             return Wait("another event of this VM is being prepared, approved or awaited")
         name, succeeded = s.recover.progress()

@@ -129,3 +129,17 @@ def test_a_skipped_freeze_that_grows_longer_gets_its_hooks(
     live.control("PATCH", f"events/{freeze['EventId']}", {"duration_seconds": 30})
     wait_until(lambda: approved_ids(live) == [freeze["EventId"]], timeout=30)
     assert runs(tmp_path) == ["prepare 10-notify Freeze", "prepare 40-stop-service Freeze"]
+
+
+def test_a_skipped_freeze_changed_after_its_approval_gets_no_recover_hooks(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent]
+) -> None:
+    agents.append(
+        agent := start(tmp_path, live, skip_freeze_up_to_seconds=10, skipped_events="approve")
+    )
+    freeze = live.add_event(type="Freeze", duration_seconds=5, not_before_in_seconds=120)
+    wait_until(lambda: approved_ids(live) == [freeze["EventId"]], timeout=30)
+    live.control("PATCH", f"events/{freeze['EventId']}", {"duration_seconds": 30})
+    live.control("POST", f"events/{freeze['EventId']}/complete")
+    wait_until(lambda: state_of(agent, freeze["EventId"]) == DONE, timeout=30)
+    assert runs(tmp_path) == []

@@ -471,6 +471,18 @@ CASES: list[tuple[str, dict[str, Any], Policy, Any]] = [
         Move("recovered", f"recover hooks skipped: {SKIPPED}"),
     ),
     (
+        "a skipped Freeze that Azure lengthened later still gets no recover hooks",
+        {
+            "state": RECOVERING,
+            "event": event(EventType="Freeze", DurationInSeconds=30),
+            "skipped_before": True,
+        },
+        SKIP_LEAVE,
+        Move(
+            "recovered", "recover hooks skipped: its prepare hooks were skipped as a short Freeze"
+        ),
+    ),
+    (
         "a Freeze whose prepare hooks ran gets its recover hooks",
         {
             "state": RECOVERING,
