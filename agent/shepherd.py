@@ -161,9 +161,14 @@ def start_hook(hook_fd: int, name: str, status_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
-    # Python ignores SIGPIPE and SIGXFSZ; a hook starts with every signal at its default.
-    for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGALRM):
-        signal.signal(number, signal.SIG_DFL)
+    # Python ignores SIGPIPE and SIGXFSZ, and the handlers above are the shepherd's own: a hook
+    # starts with every signal Python can set at its default.
+    for number in signal.valid_signals():
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(number) is not signal.SIG_DFL:
+                signal.signal(number, signal.SIG_DFL)
     try:
         os.execve(hook_fd, [name], dict(os.environ))  # noqa: S606 (argv, never a shell)
     except OSError as error:
