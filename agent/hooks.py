@@ -182,7 +182,9 @@ def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
         if is_skipped_name(name):
             continue
         with contextlib.suppress(OSError):
-            if stat.S_ISDIR(path.stat().st_mode):
+            # A directory in the hook directory is skipped; a link to one is not (it is refused:
+            # whoever owns its target could otherwise make a hook vanish).
+            if stat.S_ISDIR(os.lstat(path).st_mode):
                 continue
         refusal = directory_refusal
         if refusal is None:
@@ -190,6 +192,9 @@ def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
             if fd is not None:
                 os.close(fd)
         hooks.append(Hook(name, path, refusal))
+    if not hooks and directory_refusal is not None:
+        # An untrusted directory holding no hook fails its phase too: its owner emptied it.
+        return [Hook(str(directory), directory, directory_refusal)]
     return hooks
 
 
@@ -291,7 +296,9 @@ def _resolve_trusted(
     be root's. A directory another user can write in lets them swap the file.
 
     Returns the resolved path with what lstat says of it, or the problem."""
-    pending = [part for part in os.path.abspath(path).split("/") if part]
+    # Not os.path.abspath: it folds "link/.." as text, where the kernel follows the link first.
+    absolute = os.path.join(os.getcwd(), path)
+    pending = [part for part in absolute.split("/") if part]
     current = "/"
     try:
         info = os.lstat(current)

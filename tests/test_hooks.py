@@ -667,3 +667,38 @@ def test_a_hook_that_stops_its_shepherd_still_leaves_nothing_behind(tmp_path: Pa
     )
     assert result.outcome == TIMED_OUT
     wait_until(lambda: process_gone(int(pid.read_text())))
+
+
+@needs_root
+def test_a_link_to_a_directory_another_user_owns_is_refused_not_skipped(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    (foreign / "real").mkdir(parents=True)
+    os.chown(foreign, nobody(), -1)
+    hooks = tmp_path / "prepare.d"
+    hooks.mkdir()
+    (hooks / "10-drain").symlink_to(foreign / "real")
+    (hook,) = discover(hooks, check_ownership=True)
+    assert hook.refusal is not None and f"directory {foreign}" in hook.refusal
+
+
+@needs_root
+def test_an_empty_hook_directory_another_user_owns_fails_its_phase(tmp_path: Path) -> None:
+    hooks = tmp_path / "prepare.d"
+    hooks.mkdir()
+    os.chown(hooks, nobody(), -1)
+    (hook,) = discover(hooks, check_ownership=True)
+    assert hook.refusal is not None and f"owned by uid {nobody()}" in hook.refusal
+
+
+@needs_root
+def test_dot_dot_after_a_link_is_checked_where_the_kernel_goes(tmp_path: Path) -> None:
+    trusted = tmp_path / "t"
+    (trusted / "prepare.d").mkdir(parents=True)
+    foreign = tmp_path / "nob"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "prepare.d").mkdir()
+    os.chown(foreign, nobody(), -1)
+    os.chown(foreign / "prepare.d", nobody(), -1)
+    (trusted / "link").symlink_to(foreign / "sub")
+    (hook,) = discover(trusted / "link" / ".." / "prepare.d", check_ownership=True)
+    assert hook.refusal is not None and "owned by uid" in hook.refusal
