@@ -147,7 +147,7 @@ def _check_config(config: config_module.Config, arguments: argparse.Namespace) -
         print(f"{path}: no file there: the defaults apply (see config.example.yaml)")
     problems = check_paths(config, as_root=os.geteuid() == 0)
     for problem in problems:
-        print(f"scheduled-events-agent check-config: {path}: {problem}", file=sys.stderr)
+        _say(f"scheduled-events-agent check-config: {path}: {problem}", file=sys.stderr)
     if problems:
         print(
             f"{len(problems)} problem{'s' if len(problems) != 1 else ''}: an event would"

@@ -344,3 +344,11 @@ def test_check_config_names_a_hook_type_entry_that_is_no_hook(tmp_path: Path) ->
     problems = [line for line in completed.stderr.splitlines() if "check-config:" in line]
     assert len(problems) == 1, completed.stderr
     assert "hooks.event_types: 50-k8s-drian is no hook" in problems[0]
+
+
+def test_check_config_prints_a_hostile_hook_name_escaped(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    (tmp_path / "prepare.d" / "20-\x1b]0;owned\x07").write_text("not executable")
+    completed = agent("check-config", "--config", str(config))
+    assert completed.returncode == 2
+    assert "\x1b" not in completed.stderr and "20-\\x1b]0;owned\\x07" in completed.stderr
