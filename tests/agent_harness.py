@@ -158,6 +158,12 @@ def build_agent(
     return RunningAgent(Daemon(parts), store, stop, None, imds, metrics, fleet)
 
 
+def state_of(agent: RunningAgent, event_id: str) -> str | None:
+    """The stored state of ``event_id`` in the in-thread agent's store, None if unknown."""
+    record = agent.store.get(event_id)
+    return record.state if record else None
+
+
 def start_agent(directory: Path, imds_url: str, **options: Any) -> RunningAgent:
     agent = build_agent(directory, imds_url, **options)
     agent.thread = threading.Thread(target=agent.daemon.run, name="daemon")

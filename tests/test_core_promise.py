@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from agent.lifecycle import APPROVING, DONE, IGNORED, RECOVERING, WAITING
 from agent.state import occurrence_key
-from tests.agent_harness import RunningAgent, build_agent, calls, start_agent
+from tests.agent_harness import RunningAgent, build_agent, calls, start_agent, state_of
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.fleet_harness import FleetLockServer
 from tests.standin import StandIn
@@ -34,11 +34,6 @@ def standin() -> Iterator[StandIn]:
     server = StandIn()
     yield server
     server.close()
-
-
-def state_of(agent: RunningAgent, event_id: str) -> str | None:
-    record = agent.store.get(event_id)
-    return record.state if record else None
 
 
 def http_date(seconds_ahead: float) -> str:

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.lifecycle import DONE, IGNORED, WAITING
-from tests.agent_harness import RunningAgent, build_agent, calls, start_agent
+from tests.agent_harness import RunningAgent, build_agent, calls, start_agent, state_of
 from tests.conftest import Emulator, approved_ids, wait_until
 
 
@@ -26,11 +26,6 @@ def agents() -> Iterator[list[RunningAgent]]:
 def approvals(emulator: Emulator) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = emulator.control("GET", "approvals").json()
     return found
-
-
-def state_of(agent: RunningAgent, event_id: str) -> str | None:
-    record = agent.store.get(event_id)
-    return record.state if record else None
 
 
 def test_an_event_for_this_vm_is_prepared_approved_and_recovered(

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.lifecycle import DONE, WAITING
-from tests.agent_harness import RunningAgent, start_agent
+from tests.agent_harness import RunningAgent, start_agent, state_of
 from tests.conftest import Emulator, approved_ids, wait_until
 
 HOOK = """#!/bin/sh
@@ -57,11 +57,6 @@ def start(directory: Path, live: Emulator, **hooks: Any) -> RunningAgent:
     return start_agent(
         directory, live.url, recording_hooks=False, hooks={**write_hooks(directory), **hooks}
     )
-
-
-def state_of(agent: RunningAgent, event_id: str) -> str | None:
-    record = agent.store.get(event_id)
-    return record.state if record else None
 
 
 def test_hooks_run_only_for_the_event_types_they_are_configured_for(
