@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -454,6 +455,20 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
     return EXIT_OK
 
 
+def _listen_advice(error: OSError, arguments: argparse.Namespace) -> str:
+    """What to change when the emulator cannot listen where it was asked to."""
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"port {arguments.port} is taken: choose another --port, or --port 0 for any free one"
+        )
+    if error.errno == errno.EACCES:
+        return f"port {arguments.port} needs privileges: choose a --port above 1023"
+    return (
+        f"--host {arguments.host} is not an address of this machine: "
+        "use one it has, such as 127.0.0.1"
+    )
+
+
 def _run_emulator(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> int:
     # Imported here: the agent's other commands must not pay for the emulator.
     from agent.emulator.scenarios import ScenarioError, load
@@ -466,6 +481,8 @@ def _run_emulator(parser: argparse.ArgumentParser, arguments: argparse.Namespace
         parser.error(f"--first-call-delay must be >= 0, got {arguments.first_call_delay}")
     if arguments.rate_limit < 0:
         parser.error(f"--rate-limit must be >= 0, got {arguments.rate_limit}")
+    if not 0 <= arguments.port <= 65535:
+        parser.error(f"--port must be 0 to 65535 (0: any free port), got {arguments.port}")
     world = World(vm_name=arguments.vm_name)
     scenario = None
     if arguments.scenario:
@@ -485,8 +502,8 @@ def _run_emulator(parser: argparse.ArgumentParser, arguments: argparse.Namespace
         )
     except OSError as error:
         print(
-            f"scheduled-events-agent emulator: cannot listen on "
-            f"{arguments.host}:{arguments.port}: {error.strerror} (try --port 0)",
+            f"scheduled-events-agent emulator: cannot listen on {arguments.host}:"
+            f"{arguments.port}: {error.strerror or error} ({_listen_advice(error, arguments)})",
             file=sys.stderr,
         )
         return EXIT_FAILURE

@@ -209,3 +209,20 @@ def test_version_prints_the_version() -> None:
     completed = run_agent("--version")
     assert completed.returncode == 0
     assert completed.stdout.strip() == f"scheduled-events-agent {__version__}"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    completed = run_agent("emulator", "--port", port)
+    assert completed.returncode == 2
+    assert "--port" in completed.stderr and "65535" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_an_address_this_machine_lacks_is_named_without_a_traceback() -> None:
+    # 203.0.113.0/24 is reserved for documentation: no machine has it, and bind sends nothing.
+    completed = run_agent("emulator", "--host", "203.0.113.7", "--port", "0")
+    assert completed.returncode == 1
+    assert "--host 203.0.113.7" in completed.stderr
+    assert "--port 0" not in completed.stderr  # another port would not help
+    assert "Traceback" not in completed.stderr

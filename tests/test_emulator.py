@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import subprocess
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -694,3 +697,72 @@ def test_a_client_that_connects_and_says_nothing_does_not_break_the_server(
     with socket.create_connection((str(host), int(port)), timeout=5):
         pass
     assert emulator.scheduled_events().status_code == 200
+
+
+# Persistent connections --------------------------------------------------------------------
+
+# Node's keep-alive agent, as Microsoft's own sample uses it: one socket, a request that says
+# "Connection: close", then another request through the same agent.
+KEEP_ALIVE_CLIENT = r"""
+const http = require("http");
+const [base, eventId] = process.argv.slice(2);
+const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+const path = "/metadata/scheduledevents?api-version=2020-07-01";
+function send(method, headers, body) {
+  return new Promise((resolve, reject) => {
+    const request = http.request(base + path, { method, agent, headers }, (response) => {
+      let text = "";
+      response.on("data", (chunk) => (text += chunk));
+      response.on("end", () => resolve(response.statusCode + " " + response.headers.connection));
+    });
+    request.on("error", reject);
+    request.end(body);
+  });
+}
+(async () => {
+  const approval = JSON.stringify({ StartRequests: [{ EventId: eventId }] });
+  const answers = [];
+  answers.push(await send("POST", { Metadata: "true", Connection: "close",
+    "Content-Type": "application/json", "Content-Length": Buffer.byteLength(approval) },
+    approval));
+  answers.push(await send("GET", { Metadata: "true" }));
+  answers.push(await send("GET", { Metadata: "true" }));
+  console.log(JSON.stringify(answers));
+  agent.destroy();
+})().catch((error) => { console.error("failed: " + error.message); process.exit(1); });
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (make test installs it)")
+def test_a_keep_alive_client_survives_a_request_that_asked_to_close(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    event = emulator.add_event(type="Reboot")
+    script = tmp_path / "client.js"
+    script.write_text(KEEP_ALIVE_CLIENT)
+    completed = subprocess.run(
+        ["node", str(script), emulator.url, event["EventId"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    answers = json.loads(completed.stdout)
+    assert answers[0] == "200 close"  # the emulator says it closes when it does
+    assert [answer.split()[0] for answer in answers[1:]] == ["200", "200"]
+    approvals = emulator.control("GET", "approvals").json()
+    assert approvals[-1]["body"]["StartRequests"] == [{"EventId": event["EventId"]}]
+
+
+def test_an_http_1_0_request_is_answered_with_connection_close(emulator: Emulator) -> None:
+    with socket.create_connection(("127.0.0.1", emulator.server.server_address[1])) as raw:
+        raw.sendall(
+            b"GET /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.0\r\n"
+            b"Metadata: true\r\n\r\n"
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nconnection: close" in head

@@ -547,7 +547,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(payload)))
         for name, value in (extra or {}).items():
             self.send_header(name, value)
-        if close:
+        # A request that asked to close (or HTTP/1.0 without keep-alive) is closed after this
+        # answer: say so, or a keep-alive client reuses the dead socket for its next request.
+        if close or self.close_connection:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
