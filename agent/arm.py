@@ -14,17 +14,25 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import requests
 
 from agent.clock import Clock
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
+from agent.events import parse_iso8601
 from agent.imds import ImdsClient, TokenCache
 
 ARM_RESOURCE = "https://management.azure.com/"
 ARM_API_VERSION = "2025-04-01"
 PERMISSION = "Microsoft.Compute/virtualMachines/performMaintenance/action"
+
+
+def parse_arm_time(text: str) -> datetime:
+    """Read a time of an ARM answer, in whichever ISO 8601 form it comes (ARM writes more than
+    one). The one parser for them: ValueError, naming the value, when it is not a time."""
+    return parse_iso8601(text)
 
 
 class ArmError(AgentError):
@@ -38,7 +46,8 @@ class ArmError(AgentError):
 
 @dataclass(frozen=True)
 class MaintenanceStatus:
-    """``maintenanceRedeployStatus``; the windows are ISO 8601 strings, as ARM gives them."""
+    """``maintenanceRedeployStatus``; the windows are ISO 8601 strings, as ARM gives them, each
+    known to read with ``parse_arm_time`` (an answer with one that does not is refused)."""
 
     allowed: bool
     self_service_start: str | None
@@ -58,12 +67,28 @@ class MaintenanceStatus:
             value = status.get(key)
             return value if isinstance(value, str) and value else None
 
+        def moment(key: str) -> str | None:
+            """A window's time, as ARM wrote it, once it is known to read as one."""
+            value = status.get(key)
+            if value is None or value == "":
+                return None
+            try:
+                if not isinstance(value, str):
+                    raise ValueError(f"{value!r} is not a string")
+                parse_arm_time(value)
+            except ValueError as error:
+                raise ArmError(
+                    f"arm: maintenanceRedeployStatus.{key} cannot be read as a time: {error}",
+                    cause="bad_answer",
+                ) from None
+            return value
+
         return cls(
             allowed=status.get("isCustomerInitiatedMaintenanceAllowed") is True,
-            self_service_start=text("preMaintenanceWindowStartTime"),
-            self_service_end=text("preMaintenanceWindowEndTime"),
-            scheduled_start=text("maintenanceWindowStartTime"),
-            scheduled_end=text("maintenanceWindowEndTime"),
+            self_service_start=moment("preMaintenanceWindowStartTime"),
+            self_service_end=moment("preMaintenanceWindowEndTime"),
+            scheduled_start=moment("maintenanceWindowStartTime"),
+            scheduled_end=moment("maintenanceWindowEndTime"),
             last_result=text("lastOperationResultCode"),
             last_message=text("lastOperationMessage"),
         )

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -45,6 +45,7 @@ from agent.errors import (
     OperationCancelled,
 )
 from agent.events import ScheduledEvent, ScheduledEventsDocument, UnreadableEvent
+from agent.fleet import TICK_SECONDS as FLEET_TICK_SECONDS
 from agent.fleet import FleetGate
 from agent.hooks import (
     INTERRUPTED,
@@ -84,6 +85,15 @@ from agent.systemd import Notifier
 from agent.workers import HookGate, Workers
 
 POLL_BUDGET_SECONDS = 5.0
+# An event whose work failed unexpectedly is taken up again after 1, 2, 4... s, up to this.
+WORK_RETRY_MAX_SECONDS = 30.0
+_T = TypeVar("_T")
+
+
+class InjectedFailure(Exception):
+    """Raised by a ``raise:`` failpoint: stands for a bug in one of the agent's threads."""
+
+
 HEARTBEAT_SECONDS = 60.0
 
 
@@ -190,6 +200,11 @@ class Daemon:
         self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
         self._fleet = parts.fleet
         self._once = False
+        self._retry_lock = threading.Lock()
+        self._work_failures: dict[str, int] = {}  # key -> unexpected failures in a row
+        self._work_retry_at: dict[str, float] = {}  # key -> when to take it up again
+        self._failpoints_lock = threading.Lock()
+        self._failpoints_raised: set[str] = set()
         self.self_service = self_service
         if self_service is not None:
             self_service.attach(run_prepare=self.run_prepare, over=self.end_self_service)
@@ -210,22 +225,23 @@ class Daemon:
         if self._fleet is not None:
             # In a thread of its own: a slow coordinator never delays the first poll.
             threading.Thread(
-                target=self._fleet.run, args=(self._fleet_needed(),), name="fleet", daemon=True
+                target=self._fleet_loop,
+                args=(self._fleet, self._fleet_needed()),
+                name="fleet",
+                daemon=True,
             ).start()
         if self.self_service is not None:
             # Before the watcher may take a new one: wind up one a restart cut short.
             self.self_service.resume()
         if self.self_service is not None and self._config.maintenance.check_interval_seconds > 0:
             watcher = threading.Thread(
-                target=self.self_service.run, name="maintenance", daemon=True
+                target=self._maintenance_loop, args=(self.self_service,), name="maintenance"
             )
+            watcher.daemon = True
             watcher.start()
         while not self._stop.is_set():
             started = self._clock.monotonic()
-            self.poll()
-            self._notifier.watchdog()
-            if self._notifier.enabled:  # no summary to build on every poll for nobody
-                self._notifier.status(self.summary())
+            self._survive("poll", self._poll_and_tell, None)
             self._clock.wait(interval - (self._clock.monotonic() - started))
         self._notifier.stopping()
         if watcher is not None:
@@ -233,6 +249,57 @@ class Daemon:
         self._workers.join()
         self._log.info("agent.stopped")
         return 0
+
+    def _poll_and_tell(self) -> None:
+        self._failpoint("raise:poll")
+        self.poll()
+        self._notifier.watchdog()
+        if self._notifier.enabled:  # no summary to build on every poll for nobody
+            self._notifier.status(self.summary())
+
+    def _maintenance_loop(self, self_service: SelfService) -> None:
+        """The maintenance watcher's thread: check the windows every interval until stopped."""
+        interval = self._config.maintenance.check_interval_seconds
+
+        def check() -> float:
+            self._failpoint("raise:maintenance")
+            return self_service.check()
+
+        while not self._stop.is_set():
+            self._clock.wait(self._survive("maintenance", check, interval))
+
+    def _fleet_loop(self, fleet: FleetGate, needed: dict[str, str]) -> None:
+        """The fleet gate's thread: take up what a restart left (``needed``), then renew the
+        lease and retry a release until stopped."""
+        resumed = False
+
+        def step() -> None:
+            nonlocal resumed
+            self._failpoint("raise:fleet")
+            if not resumed:
+                fleet.resume(needed)
+                resumed = True
+            fleet.tick()
+
+        while not self._stop.is_set():
+            self._survive("fleet", step, None)
+            self._clock.wait(FLEET_TICK_SECONDS)
+
+    def _survive(self, thread: str, action: Callable[[], _T], fallback: _T) -> _T:
+        """``action()``; on an unexpected error, logged with its traceback and counted,
+        ``fallback``: a thread of the agent never dies of one, it carries on."""
+        try:
+            return action()
+        except Exception as error:
+            self._metrics.unexpected_errors.labels(thread=thread).inc()
+            self._log.error(
+                "thread.unexpected_error",
+                thread=thread,
+                reason=f"{type(error).__name__}: {error}",
+                consequence="the thread carries on",
+                exc_info=error,
+            )
+            return fallback
 
     def _stop_orphans(self) -> None:
         """Hooks a killed agent left running are stopped before any hook runs again: one hook
@@ -333,6 +400,7 @@ class Daemon:
             self._handled = document
             self._refresh_gauges()
         self._expire_absent(document)
+        self._retry_failed_work()
         self._last_success = self._clock.monotonic()
         self._metrics.poll(
             "changed" if changed else "unchanged",
@@ -598,6 +666,7 @@ class Daemon:
 
     def _step(self, key: str) -> bool:
         """Carry out the next step of one event; False when there is nothing more to do now."""
+        self._failpoint("raise:event")
         record = self._store.get(key)
         if record is None:
             return False
@@ -866,19 +935,50 @@ class Daemon:
         """An unexpected error in an event's work: logged with its traceback, counted; the
         event is taken up again on the next changed document."""
         self._metrics.work_failures.inc()
+        self._metrics.unexpected_errors.labels(thread="event").inc()
         self._gate.recover_finished(key)
+        with self._retry_lock:
+            failures = self._work_failures.get(key, 0) + 1
+            self._work_failures[key] = failures
+            wait = min(WORK_RETRY_MAX_SECONDS, 2.0 ** (failures - 1))
+            self._work_retry_at[key] = self._clock.monotonic() + wait
         self._log.error(
             "event.work_failed",
             event_id=key,
+            thread="event",
             reason=f"{type(error).__name__}: {error}",
-            consequence="the event is taken up again on the next changed document",
+            consequence=f"the event is taken up again in {wait:g} s, or on a changed document",
             exc_info=error,
         )
 
+    def _retry_failed_work(self) -> None:
+        """Wake the events whose work failed unexpectedly once their wait is over (it doubles
+        with each failure in a row, up to WORK_RETRY_MAX_SECONDS)."""
+        now = self._clock.monotonic()
+        with self._retry_lock:
+            due = [key for key, at in self._work_retry_at.items() if at <= now]
+            for key in due:
+                del self._work_retry_at[key]
+        unfinished = self._store.known_unfinished() if due else {}
+        for key in due:
+            if key in unfinished:
+                self._workers.wake(key)
+            else:
+                with self._retry_lock:
+                    self._work_failures.pop(key, None)
+
     def _failpoint(self, name: str) -> None:
-        """Testing aid: die here, as ``kill -9`` would, when asked to (see tests/test_crash.py)."""
-        if name in self._parts.failpoints:
+        """Testing aid (SCHEDULED_EVENTS_AGENT_FAILPOINTS): die here, as ``kill -9`` would
+        (tests/test_crash.py); or, for a ``raise:`` point, raise once (a thread's bug)."""
+        if name not in self._parts.failpoints:
+            return
+        if not name.startswith("raise:"):
             os.kill(os.getpid(), signal.SIGKILL)
+        with self._failpoints_lock:
+            if name in self._failpoints_raised:
+                return
+            self._failpoints_raised.add(name)
+        raise InjectedFailure(f"failpoint {name}")
 
 
 _RELEVANCE_TRIGGERS = ("became_relevant", "irrelevant_before_hooks", "no_longer_relevant")

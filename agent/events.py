@@ -64,7 +64,7 @@ _RFC1123 = re.compile(
 # "2026-04-29T18:00:00Z", with optional fraction (any number of digits, as .NET writes seven)
 # and an optional offset; no offset means UTC.
 _ISO8601 = re.compile(
-    r"^\s*(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
+    r"^\s*(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
     r"(Z|z|[+-]\d{2}:?\d{2})?\s*$"
 )
 _DIGITS = re.compile(r"^\s*\d{1,19}\s*$")
@@ -89,29 +89,39 @@ def parse_not_before(text: str) -> datetime | None:
         return datetime(
             int(year), month, int(day), int(hour), int(minute), int(second), tzinfo=timezone.utc
         )
+    if _ISO8601.match(text):
+        return parse_iso8601(text)
+    raise ValueError(f"{text!r} is neither an RFC 1123 nor an ISO 8601 date")
+
+
+def parse_iso8601(text: str) -> datetime:
+    """An ISO 8601 date and time in any form Azure writes: seconds and fraction optional (.NET
+    writes seven digits, some answers two), ``Z``, ``+hh:mm`` or ``+hhmm``; no zone is UTC.
+
+    An aware UTC datetime; ValueError naming the value when it is not one, or out of range."""
     match = _ISO8601.match(text)
-    if match:
-        year, month_text, day, hour, minute, second, fraction, offset = match.groups()
-        microsecond = int((fraction or "0")[:6].ljust(6, "0"))
+    if not match:
+        raise ValueError(f"{text!r} is not an ISO 8601 date and time")
+    year, month_text, day, hour, minute, second, fraction, offset = match.groups()
+    microsecond = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
         moment = datetime(
             int(year),
             int(month_text),
             int(day),
             int(hour),
             int(minute),
-            int(second),
+            int(second or "0"),
             microsecond,
             tzinfo=timezone.utc,
         )
         if offset and offset not in ("Z", "z"):
             sign = -1 if offset[0] == "-" else 1
             digits = offset[1:].replace(":", "")
-            try:
-                moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-            except OverflowError:
-                raise ValueError(f"{text!r} is out of range") from None
-        return moment
-    raise ValueError(f"{text!r} is neither an RFC 1123 nor an ISO 8601 date")
+            moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    except (ValueError, OverflowError) as error:
+        raise ValueError(f"{text!r} is out of range ({error})") from None
+    return moment
 
 
 @dataclass(frozen=True)

@@ -625,13 +625,6 @@ class FleetGate:
     def close(self) -> None:
         self._backend.close()
 
-    def run(self, needed: Mapping[str, str] | None = None) -> None:
-        """The gate's thread: ``resume`` with ``needed``, then renew and retry until stopped."""
-        self.resume(needed or {})
-        while not self._stop.is_set():
-            self.tick()
-            self._clock.wait(TICK_SECONDS)
-
     def describe(self) -> dict[str, Any]:
         with self._lock:
             return {

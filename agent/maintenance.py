@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, tzinfo
 
-from agent.arm import MaintenanceStatus
+from agent.arm import MaintenanceStatus, parse_arm_time
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _SLOT = re.compile(r"^\s*([A-Za-z]{3})\w*\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
@@ -49,11 +49,8 @@ class Slot:
 
 
 def parse_iso(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    cleaned = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
-    moment = datetime.fromisoformat(cleaned)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    """A window's time (or one the store wrote); None when there is none."""
+    return parse_arm_time(text) if text else None
 
 
 def window_key(vm_id: str, status: MaintenanceStatus) -> str:

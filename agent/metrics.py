@@ -41,6 +41,7 @@ APPROVAL_REASONS = {
     ),
 }
 POLL_OUTCOMES = ("changed", "unchanged", "failed")
+THREADS = ("poll", "event", "maintenance", "fleet")
 FLEET_BACKENDS = ("blob", "fleetlock")
 # Why a call to the fleet's coordinator failed: fixed words (see agent/fleet.py).
 FLEET_ERRORS = ("unreachable", "auth", "refused", "server", "bad_answer", "no_token", "lost")
@@ -210,7 +211,16 @@ class Metrics:
             "Unexpected errors while working an event (taken up again on the next document).",
             registry=registry,
         )
+        self.unexpected_errors = Counter(
+            f"{PREFIX}_unexpected_errors_total",
+            "Unexpected errors (bugs) in one of the agent's threads, each logged with its"
+            " traceback; the thread carries on.",
+            ["thread"],
+            registry=registry,
+        )
         # Every bounded label set exists from the start, so that rates and alerts see zeros.
+        for thread in THREADS:
+            self.unexpected_errors.labels(thread=thread)
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome=outcome)
         for window in ("self_service", "scheduled"):

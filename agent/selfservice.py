@@ -103,12 +103,6 @@ class SelfService:
         with self._awaiting_lock:
             self._awaiting_redeploy = key
 
-    def run(self) -> None:
-        """Check at start-up, then every interval, until stopped."""
-        while not self._stop.is_set():
-            wait = self.check()
-            self._clock.wait(wait)
-
     def check(self) -> float:
         """Read the windows and act on them; the seconds until the next check."""
         interval = self._config.check_interval_seconds
@@ -157,13 +151,15 @@ class SelfService:
 
     def take(self, key: str, status: MaintenanceStatus, reason: str) -> None:
         now = self._clock.now()
+        not_before = parse_iso(status.scheduled_start)
         event = ScheduledEvent(
             event_id=key,
             event_type=SELF_SERVICE_TYPE,
             status="Scheduled",
             resources=(self._instance.name,),
-            not_before=parse_iso(status.scheduled_start),
-            not_before_text=status.scheduled_start,
+            not_before=not_before,
+            # Stored in one form, whichever ARM wrote: the record reads back as any event does.
+            not_before_text=None if not_before is None else f"{not_before:%Y-%m-%dT%H:%M:%SZ}",
             description="Self-service maintenance taken in a configured slot.",
             source="User",
         )

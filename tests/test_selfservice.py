@@ -4,6 +4,7 @@ performMaintenance, the Redeploy approved, recover), plus each error case."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -16,7 +17,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from agent.arm import PERMISSION, ArmClient, ArmError, MaintenanceStatus
+from agent.arm import PERMISSION, ArmClient, ArmError, MaintenanceStatus, parse_arm_time
 from agent.clock import SystemClock
 from agent.config import FleetConfig, parse
 from agent.daemon import Daemon, assemble
@@ -505,3 +506,88 @@ def test_window_read_errors_are_logged_once_with_cause(
     failures = [log for log in logs if log["event"] == "maintenance.check_failed"]
     assert len(failures) == 1
     assert failures[0]["cause"] == cause
+
+
+# ARM's time forms ----------------------------------------------------------------------------
+
+ARM_TIME_FORMS = {
+    "seven_digit_fraction": "%Y-%m-%dT%H:%M:%S.0000000Z",
+    "minutes_only": "%Y-%m-%dT%H:%MZ",
+    "two_digit_fraction": "%Y-%m-%dT%H:%M:%S.25Z",
+    "offset_with_colon": "%Y-%m-%dT%H:%M:%S+00:00",
+    "offset_without_colon": "%Y-%m-%dT%H:%M:%S+0000",
+    "no_zone": "%Y-%m-%dT%H:%M:%S",
+}
+
+
+@pytest.mark.parametrize("form", sorted(ARM_TIME_FORMS))
+def test_every_iso_form_arm_writes_is_read_the_same(form: str) -> None:
+    moment = datetime(2027, 1, 2, 3, 4, tzinfo=timezone.utc)
+    parsed = parse_arm_time(moment.strftime(ARM_TIME_FORMS[form]))
+    assert abs((parsed - moment).total_seconds()) < 1
+    assert parsed.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tomorrow", "2027-13-02T00:00Z", "2027-01-02", "2027-01-02T25:00Z", "2027-01-02T00:00Z\x00"],
+)
+def test_a_time_arm_should_never_write_is_refused_by_name(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_arm_time(text)
+
+
+@pytest.mark.parametrize("form", ["minutes_only", "two_digit_fraction", "offset_without_colon"])
+def test_a_maintenance_taken_in_any_arm_time_form_is_stored_readably(
+    live: Emulator, tmp_path: Path, agents: list[Agent], form: str
+) -> None:
+    now = datetime.now(timezone.utc)
+    wave = windows()
+    for key in ("preMaintenanceWindowStartTime", "preMaintenanceWindowEndTime"):
+        wave[key] = parse_arm_time(wave[key]).strftime(ARM_TIME_FORMS[form])
+    wave["maintenanceWindowStartTime"] = (now + timedelta(days=35)).strftime(ARM_TIME_FORMS[form])
+    live.control("POST", "arm", {"status": wave, "operation_polls": 1})
+    agents.append(agent := Agent(tmp_path, live.url))
+    wait_until(
+        lambda: (r := self_service_record(agent)) is not None and r.state == "done", timeout=30
+    )
+    # What was stored reads back, in this process and in a new one (status, history, run).
+    reader = Store(agent.config.state.path, read_only=True)
+    try:
+        assert [r.key for r in reader.events() if r.key.startswith("self-service:")]
+        assert "self-service window:" in status_text(status_report(reader))
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2027-01-02T00:00:00.25Zulu", "soon", 20270102, {"at": "2027"}, "9999-12-31T23:59:59-01:00"],
+)
+def test_a_window_time_that_cannot_be_read_is_a_failed_check_not_a_stored_row(
+    live: Emulator, tmp_path: Path, agents: list[Agent], value: Any
+) -> None:
+    wave = windows()
+    wave["maintenanceWindowStartTime"] = value
+    live.control("POST", "arm", {"status": wave, "operation_polls": 1})
+    with capture_logs() as logs:
+        agents.append(agent := Agent(tmp_path, live.url))
+        wait_until(
+            lambda: (
+                (
+                    agent.registry.get_sample_value(
+                        "scheduled_events_agent_maintenance_check_errors_total",
+                        {"cause": "bad_answer"},
+                    )
+                    or 0
+                )
+                >= 2
+            ),
+            timeout=10,
+        )
+        failures = [log for log in logs if log["event"] == "maintenance.check_failed"]
+        assert failures and "maintenanceWindowStartTime" in failures[0]["reason"]
+        assert self_service_record(agent) is None and performed(live) == 0
+        # The watcher lives on: once ARM answers sensibly, the maintenance is taken.
+        live.control("POST", "arm", {"status": windows(), "operation_polls": 1})
+        wait_until(lambda: performed(live) == 1, timeout=30)

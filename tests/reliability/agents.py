@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ class AgentProcess:
         *,
         prefix: tuple[str, ...] = (),
         recording_hooks: bool = True,
+        failpoints: str = "",
         **sections: Any,
     ) -> None:
         data = config_for(directory, imds_url, recording_hooks=recording_hooks, **sections)
@@ -36,8 +38,22 @@ class AgentProcess:
             [*prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={key: value for key, value in os.environ.items() if "FAILPOINT" not in key},
+            env={
+                **{key: value for key, value in os.environ.items() if "FAILPOINT" not in key},
+                **({"SCHEDULED_EVENTS_AGENT_FAILPOINTS": failpoints} if failpoints else {}),
+            },
         )
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON lines the agent wrote so far (other lines, a traceback say, are kept as
+        ``{"event": "not-json", "line": ...}``)."""
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"event": "not-json", "line": line})
+        return lines
 
     def kill(self) -> None:
         self.process.kill()
