@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ import requests
 from agent.clock import Clock
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.events import parse_iso8601
+from agent.http import DeadlineSession
 from agent.imds import ImdsClient, TokenCache
 
 ARM_RESOURCE = "https://management.azure.com/"
@@ -103,11 +105,14 @@ class ArmClient:
         clock: Clock,
         api_version: str = ARM_API_VERSION,
         timeout_seconds: float = 30.0,
+        stop: threading.Event | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_version = api_version
         self._timeout = timeout_seconds
-        self._session = requests.Session()
+        # Each call within its whole timeout. A proxy from the environment is used: the way
+        # to management.azure.com may need one (IMDS, for the token, never does).
+        self._session = DeadlineSession(stop=stop, trust_env=True)
         self._session.headers["User-Agent"] = "scheduled-events-agent"
         self._token = TokenCache(imds, ARM_RESOURCE, clock=clock)
 

@@ -216,7 +216,7 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
     vm_name, instance = _identify(config, imds, log)
     maintenance = config.maintenance.check_interval_seconds > 0
     arm = (
-        ArmClient(config.arm.url, imds, clock=clock)
+        ArmClient(config.arm.url, imds, clock=clock, stop=stop)
         if maintenance and instance is not None
         else None
     )

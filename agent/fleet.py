@@ -41,6 +41,7 @@ import requests
 from agent.clock import Clock
 from agent.config import FleetConfig, account_name
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
+from agent.http import DeadlineSession
 from agent.imds import ImdsClient, TokenCache
 from agent.metrics import Metrics
 from agent.state import Store
@@ -157,6 +158,7 @@ class BlobSlots:
         account_key: str | None = None,
         token: TokenCache | None = None,
         timeout_seconds: float = 5.0,
+        stop: threading.Event | None = None,
     ) -> None:
         self._container = container_url.rstrip("/")
         self._group = group
@@ -170,8 +172,8 @@ class BlobSlots:
         self._timeout = timeout_seconds
         # The same id after a restart: what this agent held before can be given back.
         self.lease_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self._container}/{group}/{holder}"))
-        self._session = requests.Session()
-        self._session.trust_env = False  # storage is reached directly, as configured
+        # Storage is reached directly, as configured; each call within its whole timeout.
+        self._session = DeadlineSession(stop=stop)
         self._session.headers["User-Agent"] = "scheduled-events-agent"
 
     def close(self) -> None:
@@ -357,13 +359,20 @@ class FleetLockSlots:
     slots: int | None = None  # the server keeps the count
     lease_seconds: int | None = None  # its locks are held until given back
 
-    def __init__(self, url: str, group: str, *, holder: str, timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        group: str,
+        *,
+        holder: str,
+        timeout_seconds: float = 5.0,
+        stop: threading.Event | None = None,
+    ) -> None:
         self._url = url.rstrip("/")
         self._group = group
         self._holder = holder
         self._timeout = timeout_seconds
-        self._session = requests.Session()
-        self._session.trust_env = False
+        self._session = DeadlineSession(stop=stop)
         self._session.headers["User-Agent"] = "scheduled-events-agent"
 
     def close(self) -> None:
@@ -425,12 +434,13 @@ def build_backend(
     env: Mapping[str, str],
     *,
     clock: Clock,
+    stop: threading.Event | None = None,
 ) -> Backend:
     """The configured coordinator; credentials from the configuration, else the environment,
     else the VM's managed identity."""
     assert config.url is not None
     if config.backend == "fleetlock":
-        return FleetLockSlots(config.url, config.group, holder=holder)
+        return FleetLockSlots(config.url, config.group, holder=holder, stop=stop)
     sas = config.sas_token or env.get(SAS_ENVIRONMENT) or None
     key = config.account_key or env.get(KEY_ENVIRONMENT) or None
     token = None
@@ -447,6 +457,7 @@ def build_backend(
         sas_token=sas,
         account_key=key,
         token=token,
+        stop=stop,
     )
 
 
@@ -464,7 +475,7 @@ def gate_for(
 ) -> FleetGate:
     """The gate over the configured coordinator, on ``clock``."""
     return FleetGate(
-        build_backend(config, holder, imds, env, clock=clock),
+        build_backend(config, holder, imds, env, clock=clock, stop=stop),
         config=config,
         store=store,
         metrics=metrics,

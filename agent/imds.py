@@ -46,6 +46,7 @@ from agent.errors import (
     OperationCancelled,
 )
 from agent.events import ScheduledEventsDocument, parse_document_bytes
+from agent.http import AnswerTooLarge, DeadlineExceeded, DeadlineSession
 
 DEFAULT_URL = "http://169.254.169.254"
 DEFAULT_API_VERSION = "2020-07-01"
@@ -174,8 +175,8 @@ class ImdsClient:
         self._log = logger if logger is not None else structlog.get_logger("agent.imds")
         self._jitter = jitter
         self._lock = threading.Lock()
-        self._session = requests.Session()
-        self._session.trust_env = False  # never a proxy, never a .netrc: IMDS is link-local
+        # Never a proxy, never a .netrc (IMDS is link-local); every request within a deadline.
+        self._session = DeadlineSession(stop=self._stop, max_body_bytes=MAX_BODY_BYTES)
         self._session.headers.update({"Metadata": "true", "User-Agent": "scheduled-events-agent"})
         self._service_warm = False
         self._etag: str | None = None
@@ -379,19 +380,23 @@ class ImdsClient:
     ) -> tuple[int, bytes, Mapping[str, str]]:
         with self._lock:
             try:
+                # The pair is the attempt's whole deadline: a trickled answer is cut there.
                 response = self._session.request(
                     method,
                     url,
                     headers=dict(headers),
                     data=body,
                     timeout=(self._timeouts.connect, read_timeout),
-                    stream=True,
                     allow_redirects=False,
                 )
-                try:
-                    payload = _read_limited(response, url)
-                finally:
-                    response.close()
+                payload = response.content
+            except AnswerTooLarge as error:
+                raise ImdsResponseInvalid(f"imds: {error}", url=url) from None
+            except DeadlineExceeded:
+                deadline = self._timeouts.connect + read_timeout
+                raise _TransientFailure(
+                    f"no complete answer within {deadline:g} s", None, None
+                ) from None
             except requests.Timeout:
                 raise _TransientFailure(f"timed out after {read_timeout:g} s", None, None) from None
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
@@ -413,25 +418,6 @@ class ImdsClient:
                 status=status,
             )
         return status, payload, response.headers
-
-
-def _read_limited(response: requests.Response, url: str) -> bytes:
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ImdsResponseInvalid(
-            f"imds: the answer of {url} is {declared} bytes, over the {MAX_BODY_BYTES} byte limit",
-            url=url,
-        )
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(chunk_size=65536):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ImdsResponseInvalid(
-                f"imds: the answer of {url} is over the {MAX_BODY_BYTES} byte limit", url=url
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -7,7 +7,9 @@ POST's body. Nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,3 +65,88 @@ class StandIn:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class SlowServer:
+    """A server on 127.0.0.1 that answers every request as ``mode`` says, set at any time:
+
+    - ``good``: 200 with ``body`` at once;
+    - ``trickle``: the status line and headers at once, then ``body`` one byte a second;
+    - ``trickle_headers``: the status line and headers one byte a second, forever;
+    - ``silent``: reads the request and never answers (the connection stays open).
+
+    ``requests`` counts the requests it read."""
+
+    def __init__(
+        self, body: bytes = b'{"DocumentIncarnation": 1, "Events": []}' + b" " * 4000
+    ) -> None:
+        self.mode = "good"
+        self.body = body
+        self.requests = 0
+        self._closing = threading.Event()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        reader = connection.makefile("rb")
+        try:
+            while not self._closing.is_set():
+                length = 0
+                line = reader.readline()
+                if not line:
+                    return
+                while (header := reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip() or "0")
+                reader.read(length)
+                self.requests += 1
+                self._answer(connection)
+        except OSError:
+            return
+        finally:
+            reader.close()
+            connection.close()
+
+    def _answer(self, connection: socket.socket) -> None:
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(self.body)}\r\n\r\n"
+        ).encode()
+        mode = self.mode
+        if mode == "good":
+            connection.sendall(head + self.body)
+        elif mode == "trickle":
+            connection.sendall(head)
+            self._drip(connection, self.body)
+        elif mode == "trickle_headers":
+            self._drip(connection, head + b"X-Slow: " + b"x" * 100_000)
+        else:
+            self._closing.wait()
+
+    def _drip(self, connection: socket.socket, data: bytes) -> None:
+        for index in range(len(data)):
+            if self._closing.wait(1.0):
+                return
+            connection.sendall(data[index : index + 1])
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)

@@ -7,19 +7,33 @@ started on."""
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import requests
 
+from agent.arm import ArmClient, ArmError
+from agent.clock import SystemClock
+from agent.errors import AgentError, ImdsError
+from agent.fleet import BlobSlots, FleetError, FleetLockSlots
+from agent.imds import ImdsClient, RetryPolicy, Timeouts
 from tests.agent_harness import calls
 from tests.conftest import Emulator, approved_ids, wait_until
-from tests.fleet_harness import FleetLockServer
+from tests.fleet_harness import ACCOUNT_KEY, FleetLockServer
 from tests.reliability.agents import AgentProcess
+from tests.standin import SlowServer
 
 THREADS = ("poll", "event", "maintenance", "fleet")
+POLLS = "scheduled_events_agent_polls_total"
+# systemd's TimeoutStopSec in the unit is 45 s; the agent must be well inside it.
+STOP_TIMEOUT_SECONDS = 20
 
 
 def free_port() -> int:
@@ -30,7 +44,12 @@ def free_port() -> int:
 
 
 def metric(url: str, name: str, labels: str) -> float | None:
-    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+    """The sample's value; None while the agent is not serving metrics yet."""
+    try:
+        text = requests.get(f"{url}/metrics", timeout=5).text
+    except requests.ConnectionError:
+        return None
+    for line in text.splitlines():
         if line.startswith(f"{name}{{{labels}}} "):
             return float(line.split()[-1])
     return None
@@ -43,6 +62,7 @@ def processes() -> Iterator[list[AgentProcess]]:
     for process in running:
         if process.alive():
             process.kill()
+        process.log.close()
 
 
 def test_every_thread_that_raises_once_logs_counts_and_carries_on(
@@ -105,3 +125,160 @@ def test_every_thread_that_raises_once_logs_counts_and_carries_on(
         assert agent.stop() == 0
     finally:
         fleetlock.stop()
+
+
+# 1. A slow answer never stalls the agent --------------------------------------------------
+
+SLOW_MODES = ("trickle", "trickle_headers", "silent")
+
+
+def healthz(url: str) -> int:
+    try:
+        return requests.get(f"{url}/healthz", timeout=5).status_code
+    except requests.ConnectionError:
+        return 0
+
+
+@pytest.mark.parametrize("mode", SLOW_MODES)
+def test_a_slow_imds_answer_fails_the_poll_and_sigterm_still_stops_the_agent(
+    tmp_path: Path, processes: list[AgentProcess], mode: str
+) -> None:
+    imds = SlowServer()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        processes.append(
+            agent := AgentProcess(tmp_path, imds.url, metrics={"listen": f"127.0.0.1:{port}"})
+        )
+        wait_until(lambda: metric(url, POLLS, 'outcome="unchanged"') or 0, timeout=30)
+        imds.mode = mode
+        # The poll that meets it fails like any other: logged, counted, unhealthy.
+        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) >= 1, timeout=40)
+        assert any(line["event"] == "imds.poll_failed" for line in agent.logs())
+        wait_until(lambda: healthz(url) == 503, timeout=40)
+        # The loop goes on: more polls fail, each within its deadline.
+        failed = metric(url, POLLS, 'outcome="failed"') or 0
+        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) > failed, timeout=40)
+        # SIGTERM ends the agent, whatever request it is in, well within systemd's stop timeout.
+        requested = imds.requests
+        wait_until(lambda: imds.requests > requested, timeout=40)
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(timeout=STOP_TIMEOUT_SECONDS) == 0
+        agent.log.close()
+    finally:
+        imds.close()
+
+
+def test_the_agent_recovers_when_imds_answers_again(
+    tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    imds = SlowServer()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        processes.append(AgentProcess(tmp_path, imds.url, metrics={"listen": f"127.0.0.1:{port}"}))
+        wait_until(lambda: healthz(url) == 200, timeout=30)
+        imds.mode = "trickle"
+        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) >= 1, timeout=40)
+        imds.mode = "good"
+        unchanged = metric(url, POLLS, 'outcome="unchanged"') or 0
+        wait_until(
+            lambda: (metric(url, POLLS, 'outcome="unchanged"') or 0) > unchanged + 3, timeout=40
+        )
+        assert healthz(url) == 200
+    finally:
+        imds.close()
+
+
+def arm_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], object]:
+    # The token comes from a good IMDS stand-in; ARM itself is the slow one.
+    token = TokenStandIn()
+    imds = ImdsClient(token.url, clock=SystemClock(stop), stop=stop)
+    client = ArmClient(url, imds, clock=SystemClock(stop), stop=stop, timeout_seconds=timeout)
+    return lambda: client.instance_view("/subscriptions/s/resourceGroups/g/providers/x/vm")
+
+
+def token_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], object]:
+    imds = ImdsClient(
+        url,
+        clock=SystemClock(stop),
+        stop=stop,
+        timeouts=Timeouts(connect=timeout / 2, read=timeout / 2, first_read=timeout / 2),
+        retry=RetryPolicy(budget_seconds=0.1),
+    )
+    return lambda: imds.fetch_token("https://storage.azure.com/")
+
+
+def blob_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], object]:
+    slots = BlobSlots(
+        f"{url}/devstoreaccount1/fleet",
+        "web",
+        slots=1,
+        lease_seconds=15,
+        holder="web_4",
+        account_key=ACCOUNT_KEY,
+        timeout_seconds=timeout,
+        stop=stop,
+    )
+    return lambda: slots.acquire("e", "now")
+
+
+def fleetlock_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], object]:
+    slots = FleetLockSlots(url, "web", holder="web_4", timeout_seconds=timeout, stop=stop)
+    return lambda: slots.acquire("e", "now")
+
+
+CLIENTS = {"arm": arm_call, "token": token_call, "blob": blob_call, "fleetlock": fleetlock_call}
+
+
+class TokenStandIn:
+    """IMDS's token endpoint, answering at once."""
+
+    def __init__(self) -> None:
+        body = json.dumps({"access_token": "t", "expires_on": "9999999999"}).encode()
+        self.server = SlowServer(body)
+        self.url = self.server.url
+
+
+@pytest.mark.parametrize("mode", SLOW_MODES)
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_every_outbound_call_ends_at_its_deadline(client: str, mode: str) -> None:
+    server = SlowServer()
+    server.mode = mode
+    stop = threading.Event()
+    try:
+        call = CLIENTS[client](server.url, stop, 1.0)
+        started = time.monotonic()
+        with pytest.raises((ArmError, FleetError, ImdsError)):
+            call()
+        # A deadline of 1 s: without one, this call would wait for the whole trickle (an
+        # hour) or forever. The bound is loose on purpose: no test depends on a fast machine.
+        assert time.monotonic() - started < 15
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_the_stop_flag_ends_a_call_in_flight(client: str) -> None:
+    server = SlowServer()
+    server.mode = "silent"
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+    try:
+        call = CLIENTS[client](server.url, stop, 3600.0)
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as error:
+                outcome.append(error)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        wait_until(lambda: server.requests >= 1, timeout=10)
+        stop.set()
+        worker.join(timeout=15)
+        assert not worker.is_alive(), "the call went on after the stop flag was set"
+        assert outcome and isinstance(outcome[0], (ArmError, FleetError, AgentError))
+    finally:
+        server.close()
