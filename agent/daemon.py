@@ -219,6 +219,7 @@ class Daemon:
             dry_run=self._parts.dry_run,
             poll_interval_seconds=self._config.imds.poll_interval_seconds,
         )
+        self._report_moved_aside()
         self._stop_orphans()
         interval = self._config.imds.poll_interval_seconds
         watcher = None
@@ -351,6 +352,7 @@ class Daemon:
 
         1 when the poll failed or an approval could not be sent."""
         self._once = True  # no waiting for a fleet slot: the next run tries again
+        self._report_moved_aside()
         self._stop_orphans()
         if self._fleet is not None:
             self._fleet.resume(self._fleet_needed())
@@ -436,6 +438,22 @@ class Daemon:
             consequence="events are still handled, but a crash or reboot now forgets what was "
             "done since; nothing already written to the file is lost",
             hint="fix the disk or permissions of state.path, then restart the agent",
+        )
+
+    def _report_moved_aside(self) -> None:
+        """Say loudly that the state file was found damaged at start-up and replaced."""
+        if self._store.moved_aside is None:
+            return
+        aside, damage = self._store.moved_aside
+        self._metrics.state_degraded.set(1)
+        self._log.error(
+            "state.moved_aside",
+            path=self._store.path,
+            moved_to=aside,
+            reason=damage,
+            consequence="the agent starts with an empty history: hooks of an event under way "
+            "run again, and an approval already sent may be sent once more (Azure takes it as "
+            "a no-op); the damaged file is kept for inspection",
         )
 
     def _refresh_gauges(self) -> None:

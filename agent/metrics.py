@@ -140,7 +140,8 @@ class Metrics:
         )
         self.state_degraded = Gauge(
             f"{PREFIX}_state_degraded",
-            "1 while the state store works in memory only (its file cannot be written).",
+            "1 while the state store works in memory only (its file cannot be written or"
+            " read), or since it found its file damaged at start-up and moved it aside.",
             registry=registry,
         )
         self.window_start = Gauge(

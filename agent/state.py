@@ -16,17 +16,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from agent.errors import StateError
+from agent.errors import AgentError, StateError
 from agent.events import ScheduledEvent, parse_document
 from agent.hooks import HookResult
-from agent.lifecycle import DONE, transition
+from agent.lifecycle import ACTIVE, DONE, IGNORED, transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -122,7 +123,13 @@ class ApprovalRecord:
 class Store:
     """The agent's memory. ``read_only`` opens an existing store for ``status`` and ``history``."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
         # The unfinished events' states, kept in memory once read: the planner asks for them on
@@ -130,6 +137,9 @@ class Store:
         self._unfinished: dict[str, tuple[str, ScheduledEvent | None]] | None = None
         # Why the store works in memory only (the file cannot be opened or written), or None.
         self.degraded: str | None = None
+        # (where the damaged file went, what was wrong with it) when it was moved aside.
+        self.moved_aside: tuple[str, str] | None = None
+        self._read_only = False
         try:
             if read_only:
                 if not Path(self.path).exists():
@@ -140,6 +150,7 @@ class Store:
                 uri = f"file:{Path(self.path).resolve()}?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
                 self._db.row_factory = sqlite3.Row
+                self._read_only = True
                 return
         except (sqlite3.Error, OSError) as error:
             raise StateError(
@@ -148,19 +159,53 @@ class Store:
                 path=self.path,
             ) from None
         try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            # In one transaction: a reader (status) sees all the tables or none of them.
-            self._db.executescript(f"BEGIN;\n{SCHEMA}COMMIT;\n")
-            self._migrate(self._db)
-        except (sqlite3.Error, OSError) as error:
-            # Keep handling events: in memory, with whatever the file still lets us read.
+            self._db = self._open_file()
+            damage = _damage(self._db)
+        except sqlite3.Error as error:
+            damage = None if _inaccessible(error) else f"{error}"
+            if damage is None:
+                # Keep handling events: in memory, with whatever the file still lets us read.
+                self._db = self._memory_copy(self._readable_copy())
+                self.degraded = f"cannot be opened: {error}"
+        except OSError as error:
             self._db = self._memory_copy(self._readable_copy())
             self.degraded = f"cannot be opened: {error}"
+            damage = None
+        if damage is not None:
+            self._start_afresh(damage, now())
         self._db.row_factory = sqlite3.Row
+
+    def _open_file(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            # In one transaction: a reader (status) sees all the tables or none of them.
+            db.executescript(f"BEGIN;\n{SCHEMA}COMMIT;\n")
+            self._migrate(db)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            raise
+        return db
+
+    def _start_afresh(self, damage: str, now: datetime) -> None:
+        """The file cannot be read back: move it aside (never delete it) with its journal,
+        and start a fresh one. When even that fails, work in memory."""
+        with contextlib.suppress(sqlite3.Error, AttributeError):
+            self._db.close()
+        aside = f"{self.path}.corrupt-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+        try:
+            for suffix in ("-wal", "-shm", ""):  # the main file last: it decides what was kept
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            self.moved_aside = (aside, damage[:300])
+            self._db = self._open_file()
+        except (OSError, sqlite3.Error) as error:
+            self._db = self._memory_copy(None)
+            self.degraded = f"is damaged ({damage[:200]}) and cannot be replaced: {error}"
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -239,13 +284,38 @@ class Store:
         return memory
 
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run one query. When the file fails a read, the store carries on in memory with
+        whatever it could still read from it, as after a failed write (``degraded``)."""
         with self._lock:
+            for attempt in (1, 2):
+                try:
+                    return self._db.execute(sql, parameters).fetchall()
+                except sqlite3.Error as error:
+                    if attempt == 2 or self.degraded is not None or self._read_only:
+                        raise StateError(
+                            f"state store {self.path} cannot be read: {error}", path=self.path
+                        ) from None
+                    old = self._db
+                    self._db = self._salvage(old)
+                    self.degraded = f"cannot be read: {error}"
+                    with contextlib.suppress(sqlite3.Error):
+                        old.close()
+            return []  # not reached: the second attempt returns or raises
+
+    def _salvage(self, source: sqlite3.Connection) -> sqlite3.Connection:
+        """A memory copy of every row ``source`` still gives, table by table, up to the first
+        it cannot read."""
+        memory = self._memory_copy(None)
+        for table in ("events", "hook_runs", "approvals", "meta"):
             try:
-                return self._db.execute(sql, parameters).fetchall()
-            except sqlite3.Error as error:
-                raise StateError(
-                    f"state store {self.path} cannot be read: {error}", path=self.path
-                ) from None
+                cursor = source.execute(f"SELECT * FROM {table}")  # noqa: S608
+                while row := cursor.fetchone():
+                    marks = ", ".join("?" * len(row))
+                    memory.execute(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", tuple(row))  # noqa: S608
+            except sqlite3.Error:
+                continue
+        memory.commit()
+        return memory
 
     # Events --------------------------------------------------------------------------------
 
@@ -375,13 +445,23 @@ class Store:
 
     def get(self, key: str) -> EventRecord | None:
         rows = self._read("SELECT * FROM events WHERE event_key = ?", (key.lower(),))
-        return _event_record(rows[0]) if rows else None
+        return self._record(rows[0]) if rows else None
+
+    def _record(self, row: sqlite3.Row) -> EventRecord:
+        try:
+            return _event_record(row)
+        except (ValueError, TypeError, KeyError, IndexError, AgentError) as error:
+            raise StateError(
+                f"state store {self.path} holds a damaged record ({error}); the agent moves the "
+                "file aside at its next start",
+                path=self.path,
+            ) from None
 
     def events(
         self, *, states: frozenset[str] | None = None, limit: int | None = None
     ) -> list[EventRecord]:
         rows = self._read("SELECT * FROM events ORDER BY first_seen DESC, event_key")
-        records = [_event_record(row) for row in rows]
+        records = [self._record(row) for row in rows]
         if states is not None:
             records = [record for record in records if record.state in states]
         return records[:limit] if limit is not None else records
@@ -392,7 +472,7 @@ class Store:
             if self._unfinished is None:
                 rows = self._read("SELECT * FROM events WHERE state != 'done'")
                 self._unfinished = {
-                    row["event_key"]: (row["state"], _event_record(row).event) for row in rows
+                    row["event_key"]: (row["state"], self._record(row).event) for row in rows
                 }
             return dict(self._unfinished)
 
@@ -556,3 +636,38 @@ def _event_record(row: sqlite3.Row) -> EventRecord:
         # A file from before occurrences were counted, opened read-only, lacks the column.
         occurrence=row["occurrence"] if "occurrence" in row.keys() else 1,  # noqa: SIM118
     )
+
+
+_STATES = frozenset({*ACTIVE, IGNORED, DONE})
+# Errors that say the file cannot be reached (permissions, a full or failing disk, a lock), not
+# that what it holds is damaged.
+_INACCESSIBLE = ("unable to open", "readonly", "read-only", "disk i/o", "locked", "busy", "full")
+
+
+def _inaccessible(error: sqlite3.Error) -> bool:
+    text = str(error).lower()
+    return isinstance(error, sqlite3.OperationalError) and any(
+        word in text for word in _INACCESSIBLE
+    )
+
+
+def _damage(db: sqlite3.Connection) -> str | None:
+    """What is wrong with the store's content, or None: SQLite's own check of the file, then
+    every row read back as the agent reads it."""
+    db.row_factory = sqlite3.Row
+    verdict = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    if verdict != ["ok"]:
+        return "; ".join(str(line) for line in verdict)[:300]
+    try:
+        for row in db.execute("SELECT * FROM events"):
+            record = _event_record(row)
+            if record.state not in _STATES:
+                return f"event {record.key!r} is in an unknown state {record.state!r}"
+        for row in db.execute("SELECT * FROM hook_runs"):
+            HookRun(**_columns(row, HookRun))
+        for row in db.execute("SELECT * FROM approvals"):
+            ApprovalRecord(**_columns(row, ApprovalRecord))
+        db.execute("SELECT key, value FROM meta").fetchall()
+    except (ValueError, TypeError, KeyError, IndexError, AgentError) as error:
+        return f"a record cannot be read back: {error}"
+    return None

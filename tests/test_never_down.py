@@ -8,11 +8,15 @@ started on."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +26,11 @@ import requests
 from agent.arm import ArmClient, ArmError
 from agent.clock import SystemClock
 from agent.errors import AgentError, ImdsError
+from agent.events import parse_document
 from agent.fleet import BlobSlots, FleetError, FleetLockSlots
+from agent.hooks import HookResult
 from agent.imds import ImdsClient, RetryPolicy, Timeouts
+from agent.state import Store
 from tests.agent_harness import calls
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.fleet_harness import ACCOUNT_KEY, FleetLockServer
@@ -49,8 +56,9 @@ def metric(url: str, name: str, labels: str) -> float | None:
         text = requests.get(f"{url}/metrics", timeout=5).text
     except requests.ConnectionError:
         return None
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} "):
+        if line.startswith(prefix):
             return float(line.split()[-1])
     return None
 
@@ -282,3 +290,85 @@ def test_the_stop_flag_ends_a_call_in_flight(client: str) -> None:
         assert outcome and isinstance(outcome[0], (ArmError, FleetError, AgentError))
     finally:
         server.close()
+
+
+# 3. A damaged state file is survived ------------------------------------------------------
+
+
+def populated_store(path: Path, events: int = 60) -> None:
+    """A store with the history of ``events`` finished events: several pages of each table."""
+    store = Store(path)
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    try:
+        for index in range(events):
+            event = parse_document(
+                {
+                    "DocumentIncarnation": index,
+                    "Events": [
+                        {
+                            "EventId": f"00000000-0000-0000-0000-{index:012d}",
+                            "EventType": "Reboot",
+                            "ResourceType": "VirtualMachine",
+                            "Resources": ["web_4"],
+                            "EventStatus": "Scheduled",
+                            "NotBefore": "Mon, 19 Sep 2016 18:29:47 GMT",
+                            "Description": "Host server is undergoing maintenance." * 3,
+                            "EventSource": "Platform",
+                            "DurationInSeconds": 60,
+                        }
+                    ],
+                }
+            ).events[0]
+            store.discover(
+                event, relevant=True, reason="names this VM", document_incarnation=index, now=now
+            )
+            run = store.hook_started(event.key, "prepare", "10-drain", now, now)
+            store.hook_finished(
+                run, HookResult("10-drain", "succeeded", 0, 1, "drained\n" * 20, now, now)
+            )
+            approval = store.approval_started(event.key, "agent", now)
+            store.approval_finished(approval, "succeeded", now)
+            store.set_meta(last_document=json.dumps({"incarnation": index}))
+    finally:
+        store.close()
+
+
+def damage(path: Path, offset: int, length: int, seed: int) -> None:
+    noise = random.Random(seed).randbytes(length)
+    with path.open("r+b") as file:
+        file.seek(offset)
+        file.write(noise)
+
+
+def test_a_page_overwritten_inside_the_state_file_is_moved_aside_and_the_event_prepared(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    path = tmp_path / "state.db"
+    populated_store(path)
+    page_size = 4096
+    # 392 bytes inside the events table's root page: the header of the file stays intact.
+    damage(path, page_size + 8, 392, seed=1)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes.append(
+        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    )
+    event = live.add_event(type="Reboot")
+    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
+    assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+    moved = [line for line in agent.logs() if line["event"] == "state.moved_aside"]
+    assert len(moved) == 1
+    aside = Path(moved[0]["moved_to"])
+    assert aside.exists() and aside.name.startswith("state.db.corrupt-")
+    assert metric(url, "scheduled_events_agent_state_degraded", "") == 1
+    # status and history read the fresh file.
+    for command in ("status", "history"):
+        completed = subprocess.run(
+            [sys.executable, "-m", "agent", command, "--config", str(agent.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+    assert agent.alive()
