@@ -23,7 +23,7 @@ import requests
 from agent.clock import Clock
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.events import parse_iso8601
-from agent.http import DeadlineSession
+from agent.http import DeadlineSession, json_value
 from agent.imds import ImdsClient, TokenCache
 
 ARM_RESOURCE = "https://management.azure.com/"
@@ -153,7 +153,7 @@ class ArmClient:
 
     def _json(self, response: requests.Response, url: str) -> Any:
         try:
-            return response.json()
+            return json_value(response.content)
         except ValueError:
             raise ArmError(f"arm: the answer of {url} is not JSON", cause="bad_answer") from None
 
@@ -191,8 +191,8 @@ class ArmClient:
 
 def _error_for(response: requests.Response, method: str, url: str) -> ArmError:
     try:
-        error = response.json().get("error", {})
-        code, message = error.get("code", ""), error.get("message", "")
+        error = json_value(response.content).get("error", {})
+        code, message = str(error.get("code", "")), str(error.get("message", ""))
     except (ValueError, AttributeError):
         code, message = "", response.text[:200]
     status = response.status_code

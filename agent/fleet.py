@@ -41,7 +41,7 @@ import requests
 from agent.clock import Clock
 from agent.config import FleetConfig, account_name
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
-from agent.http import DeadlineSession
+from agent.http import DeadlineSession, json_value
 from agent.imds import ImdsClient, TokenCache
 from agent.metrics import Metrics
 from agent.state import Store
@@ -413,7 +413,7 @@ class FleetLockSlots:
         if response.status_code == 200:
             return 200, ""
         try:
-            answer = response.json()
+            answer = json_value(response.content)
             refusal = f"{answer['kind']}: {answer['value']}"
         except (ValueError, KeyError, TypeError):
             refusal = ""

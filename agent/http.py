@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -42,6 +43,15 @@ class DeadlineExceeded(requests.Timeout):
 
 class AnswerTooLarge(requests.RequestException):
     """The answer is larger than the session's ``max_body_bytes``."""
+
+
+def json_value(body: bytes | str) -> Any:
+    """The JSON value of an answer. ValueError for anything that is not JSON, nesting too deep
+    for the parser (RecursionError) included, so that callers need to catch one error only."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 class _Guard:

@@ -46,7 +46,7 @@ from agent.errors import (
     OperationCancelled,
 )
 from agent.events import ScheduledEventsDocument, parse_document_bytes
-from agent.http import AnswerTooLarge, DeadlineExceeded, DeadlineSession
+from agent.http import AnswerTooLarge, DeadlineExceeded, DeadlineSession, json_value
 
 DEFAULT_URL = "http://169.254.169.254"
 DEFAULT_API_VERSION = "2020-07-01"
@@ -277,7 +277,7 @@ class ImdsClient:
             if status != 200:
                 raise ImdsResponseInvalid(f"imds: unexpected status {status} from {url}", url=url)
             try:
-                data = json.loads(body)
+                data = json_value(body)
             except ValueError:
                 raise ImdsResponseInvalid(
                     f"imds: the answer of {url} is not JSON: {_snippet(body)}", url=url
@@ -297,10 +297,11 @@ class ImdsClient:
         def attempt() -> dict[str, str]:
             status, body, _ = self._send("GET", url, {}, None, self._timeouts.read)
             try:
-                data = json.loads(body)
+                data = json_value(body)
             except ValueError:
                 data = None
-            if status != 200 or not isinstance(data, dict) or "access_token" not in data:
+            token = data.get("access_token") if isinstance(data, dict) else None
+            if status != 200 or not isinstance(token, str) or not token:
                 raise ImdsResponseInvalid(
                     f"imds: no token in the answer of {url}: {_snippet(body)}", url=url
                 )
@@ -471,7 +472,10 @@ class TokenCache:
             token = self._imds.fetch_token(self._resource, budget_seconds=self._budget)
             self._token = token["access_token"]
             expires = token.get("expires_on", "")
-            self._expires = float(expires) if expires.isdigit() else now + 3000
+            # Unix seconds in ASCII digits; anything else (a superscript digit passes isdigit,
+            # and float() refuses it) keeps the token for 50 minutes.
+            readable = expires.isascii() and expires.isdigit() and len(expires) <= 12
+            self._expires = float(expires) if readable else now + 3000
             return self._token
 
     def forget(self) -> None:

@@ -21,12 +21,15 @@ class StandIn:
         self._body = b'{"DocumentIncarnation": 1, "Events": []}'
         self.posts: list[dict[str, Any]] = []
         self.post_status = 200
+        self.post_answers_body = False  # True: a POST is answered with the body set last
+        self.gets = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 with owner._lock:
                     body = owner._body
+                    owner.gets += 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -39,9 +42,11 @@ class StandIn:
                 with owner._lock:
                     owner.posts.append(data)
                     status = owner.post_status
+                    answer = owner._body if owner.post_answers_body else b""
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
@@ -51,6 +56,10 @@ class StandIn:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def serve_bytes(self, body: bytes) -> None:
+        with self._lock:
+            self._body = body
 
     def serve(self, document: Any) -> None:
         """Serve ``document`` from now on: a JSON value, or raw bytes as they are."""
@@ -73,6 +82,8 @@ class SlowServer:
     - ``good``: 200 with ``body`` at once;
     - ``trickle``: the status line and headers at once, then ``body`` one byte a second;
     - ``trickle_headers``: the status line and headers one byte a second, forever;
+    - ``truncated``: half the body it declares, then the connection is closed;
+    - ``oversized``: a 5 MiB body;
     - ``silent``: reads the request and never answers (the connection stays open).
 
     ``requests`` counts the requests it read."""
@@ -133,6 +144,16 @@ class SlowServer:
         elif mode == "trickle":
             connection.sendall(head)
             self._drip(connection, self.body)
+        elif mode == "truncated":
+            connection.sendall(head + self.body[: len(self.body) // 2])
+            connection.shutdown(socket.SHUT_RDWR)
+        elif mode == "oversized":
+            size = 5 * 1024 * 1024
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {size}\r\n\r\n".encode()
+                + b" " * size
+            )
         elif mode == "trickle_headers":
             self._drip(connection, head + b"X-Slow: " + b"x" * 100_000)
         else:
