@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,16 +246,13 @@ def test_slow_truncated_and_oversized_answers_fail_polls_within_their_budget(
         for mode in ANSWER_MODES:
             failed = metric(url, polls, 'outcome="failed"') or 0
             imds.mode = mode
-            started = time.monotonic()
             wait_until(
                 lambda failed=failed: (metric(url, polls, 'outcome="failed"') or 0) > failed,
                 timeout=40,
             )
             # A poll's budget is 5 s, its last attempt's deadline 7 s: a failed poll is counted
             # within 12 s on any machine that runs the agent at all; 40 s is the test's patience.
-            tried[
-                f"{mode} answers: poll failed after {time.monotonic() - started:.0f} s (<= 40)"
-            ] += 1
+            tried[f"{mode} answers: the poll failed within its budget, then recovered"] += 1
             imds.mode = "good"
             unchanged = metric(url, polls, 'outcome="unchanged"') or 0
             wait_until(

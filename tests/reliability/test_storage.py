@@ -22,7 +22,7 @@ def log_entries(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
-def test_a_corrupted_state_file_is_reported_kept_and_worked_around(
+def test_a_corrupted_state_file_is_reported_and_moved_aside(
     live: Emulator, tmp_path: Path, tried: Counter[str]
 ) -> None:
     tmp_path.chmod(0o755)
@@ -35,12 +35,13 @@ def test_a_corrupted_state_file_is_reported_kept_and_worked_around(
         assert agent.alive()
     finally:
         assert agent.stop() == 0
-    (loud,) = [e for e in log_entries(tmp_path / "agent.log") if e["event"] == "state.degraded"]
+    (loud,) = [e for e in log_entries(tmp_path / "agent.log") if e["event"] == "state.moved_aside"]
     assert loud["level"] == "error"
-    assert "cannot be opened" in loud["reason"]
-    # The damaged file is evidence: left exactly as it was.
-    assert (tmp_path / "state.db").read_bytes() == garbage
-    tried["corrupted state file worked around"] += 1
+    # The damaged file is evidence: moved aside exactly as it was, never deleted.
+    (aside,) = tmp_path.glob("state.db.corrupt-*")
+    assert Path(loud["moved_to"]) == aside
+    assert aside.read_bytes() == garbage
+    tried["corrupted state file moved aside, events handled"] += 1
 
 
 def test_a_full_disk_keeps_what_was_written_and_the_agent_going(
