@@ -160,13 +160,19 @@ class _GuardedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 class _GuardedAdapter(HTTPAdapter):
     def init_poolmanager(self, *arguments: Any, **options: Any) -> None:
         super().init_poolmanager(*arguments, **options)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool,
-            "https": _GuardedHTTPSPool,
-        }
+        self.poolmanager.pool_classes_by_scheme = dict(_GUARDED_POOLS)
+
+    def proxy_manager_for(self, *arguments: Any, **options: Any) -> Any:
+        # Through an HTTP proxy too (ARM may need one): the proxy's connections are guarded.
+        manager = super().proxy_manager_for(*arguments, **options)
+        manager.pool_classes_by_scheme = dict(_GUARDED_POOLS)
+        return manager
 
 
 class DeadlineSession(requests.Session):

@@ -372,3 +372,24 @@ def test_a_page_overwritten_inside_the_state_file_is_moved_aside_and_the_event_p
         )
         assert completed.returncode == 0, completed.stderr
     assert agent.alive()
+
+
+def test_an_arm_call_through_a_proxy_ends_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = SlowServer()
+    proxy.mode = "trickle"
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    stop = threading.Event()
+    try:
+        # ARM's own address is never reached: the proxy takes the request and trickles.
+        call = arm_call("http://127.0.0.1:9", stop, 3.0)
+        started = time.monotonic()
+        with pytest.raises(ArmError):
+            call()
+        assert proxy.requests >= 1
+        assert time.monotonic() - started < 15
+    finally:
+        proxy.close()
