@@ -450,7 +450,7 @@ class Store:
     def _record(self, row: sqlite3.Row) -> EventRecord:
         try:
             return _event_record(row)
-        except (ValueError, TypeError, KeyError, IndexError, AgentError) as error:
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError, AgentError) as error:
             raise StateError(
                 f"state store {self.path} holds a damaged record ({error}); the agent moves the "
                 "file aside at its next start",
@@ -641,14 +641,20 @@ def _event_record(row: sqlite3.Row) -> EventRecord:
 _STATES = frozenset({*ACTIVE, IGNORED, DONE})
 # Errors that say the file cannot be reached (permissions, a full or failing disk, a lock), not
 # that what it holds is damaged.
-_INACCESSIBLE = ("unable to open", "readonly", "read-only", "disk i/o", "locked", "busy", "full")
+# SQLite's own messages, matched at their start: a message may quote the file's content.
+_INACCESSIBLE = (
+    "unable to open",
+    "attempt to write a readonly",
+    "disk i/o error",
+    "database is locked",
+    "database table is locked",
+    "database or disk is full",
+)
 
 
 def _inaccessible(error: sqlite3.Error) -> bool:
     text = str(error).lower()
-    return isinstance(error, sqlite3.OperationalError) and any(
-        word in text for word in _INACCESSIBLE
-    )
+    return isinstance(error, sqlite3.OperationalError) and text.startswith(_INACCESSIBLE)
 
 
 def _damage(db: sqlite3.Connection) -> str | None:
@@ -668,6 +674,6 @@ def _damage(db: sqlite3.Connection) -> str | None:
         for row in db.execute("SELECT * FROM approvals"):
             ApprovalRecord(**_columns(row, ApprovalRecord))
         db.execute("SELECT key, value FROM meta").fetchall()
-    except (ValueError, TypeError, KeyError, IndexError, AgentError) as error:
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, AgentError) as error:
         return f"a record cannot be read back: {error}"
     return None

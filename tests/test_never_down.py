@@ -11,6 +11,7 @@ import json
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -393,3 +394,24 @@ def test_an_arm_call_through_a_proxy_ends_at_its_deadline(
         assert time.monotonic() - started < 15
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("raw", "[" * 200_000), ("reason", b"\xff full"), ("reason", b"\xff database is locked")],
+    ids=["raw_nested_deep", "invalid_utf8_saying_full", "invalid_utf8_saying_locked"],
+)
+def test_a_record_that_cannot_be_read_back_is_moved_aside_whatever_it_says(
+    tmp_path: Path, column: str, value: object
+) -> None:
+    path = tmp_path / "state.db"
+    populated_store(path, events=3)
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE events SET {column} = CAST(? AS TEXT)", (value,))  # noqa: S608
+    store = Store(path, now=lambda: datetime(2027, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    try:
+        assert store.moved_aside is not None
+        assert store.moved_aside[0].endswith("state.db.corrupt-20270102T030405Z")
+        assert store.degraded is None and store.events() == []
+    finally:
+        store.close()
