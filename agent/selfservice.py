@@ -75,7 +75,9 @@ class SelfService:
         self._slots = tuple(Slot.parse(slot) for slot in settings.slots)
         self._zone = ZoneInfo(settings.time_zone)
         domain = instance.platform_update_domain
-        self._update_domain = int(domain) if domain.isdigit() else 0
+        # ASCII digits only, and few: '\u00b2' passes isdigit() and int() refuses it.
+        readable = domain.isascii() and domain.isdigit() and len(domain) <= 6
+        self._update_domain = int(domain) if readable else 0
         self._last_status: MaintenanceStatus | None = None
         self._last_error: str | None = None
         self._checked = False

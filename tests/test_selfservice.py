@@ -4,6 +4,7 @@ performMaintenance, the Redeploy approved, recover), plus each error case."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Iterator
@@ -591,3 +592,31 @@ def test_a_window_time_that_cannot_be_read_is_a_failed_check_not_a_stored_row(
         # The watcher lives on: once ARM answers sensibly, the maintenance is taken.
         live.control("POST", "arm", {"status": windows(), "operation_polls": 1})
         wait_until(lambda: performed(live) == 1, timeout=30)
+
+
+@pytest.mark.parametrize("domain", ["\u00b2", "1" * 5000, "-1", ""])
+def test_an_update_domain_that_is_no_small_number_counts_as_domain_0(
+    live: Emulator, tmp_path: Path, domain: str
+) -> None:
+    stop = threading.Event()
+    imds = ImdsClient(live.url, clock=SystemClock(stop), retry=RetryPolicy(budget_seconds=2))
+    arm = ArmClient(live.url, imds, clock=SystemClock(stop))
+    instance = dataclasses.replace(imds.fetch_instance_metadata(), platform_update_domain=domain)
+    store = Store(":memory:")
+    try:
+        service = SelfService(
+            config=parse(config_for(tmp_path, live.url)),
+            arm=arm,
+            instance=instance,
+            store=store,
+            metrics=Metrics(CollectorRegistry()),
+            clock=SystemClock(stop),
+            stop=stop,
+            log=structlog.get_logger(),
+            dry_run=True,
+        )
+        assert service._update_domain == 0
+    finally:
+        store.close()
+        arm.close()
+        imds.close()
