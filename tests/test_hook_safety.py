@@ -66,6 +66,8 @@ class Agent:
         try:
             record = store.get(event_id)
             return record.state if record else None
+        except StateError:
+            return None  # the file exists, its tables are not written yet
         finally:
             store.close()
 
