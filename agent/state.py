@@ -251,11 +251,7 @@ class Store:
                         raise StateError(
                             f"state store {self.path} cannot be written: {error}", path=self.path
                         ) from None
-                    old = self._db
-                    self._db = self._memory_copy(old)
-                    self.degraded = f"cannot be written: {error}"
-                    with contextlib.suppress(sqlite3.Error):
-                        old.close()
+                    self._fall_back_to_memory(self._memory_copy, f"cannot be written: {error}")
             return None  # not reached: the second attempt returns or raises
 
     def _readable_copy(self) -> sqlite3.Connection | None:
@@ -295,12 +291,19 @@ class Store:
                         raise StateError(
                             f"state store {self.path} cannot be read: {error}", path=self.path
                         ) from None
-                    old = self._db
-                    self._db = self._salvage(old)
-                    self.degraded = f"cannot be read: {error}"
-                    with contextlib.suppress(sqlite3.Error):
-                        old.close()
+                    self._fall_back_to_memory(self._salvage, f"cannot be read: {error}")
             return []  # not reached: the second attempt returns or raises
+
+    def _fall_back_to_memory(
+        self, copy: Callable[[sqlite3.Connection], sqlite3.Connection], why: str
+    ) -> None:
+        """Go on in memory with ``copy`` of the file's connection, which is closed; the file
+        itself is left as it is."""
+        old = self._db
+        self._db = copy(old)
+        self.degraded = why
+        with contextlib.suppress(sqlite3.Error):
+            old.close()
 
     def _salvage(self, source: sqlite3.Connection) -> sqlite3.Connection:
         """A memory copy of every row ``source`` still gives, table by table, up to the first
