@@ -31,7 +31,8 @@ class AlreadyRunning(Exception):
 class InstanceLock:
     def __init__(self, state_path: str) -> None:
         self.path = f"{state_path}.lock"
-        self._directory = str(Path(state_path).resolve().parent)
+        # Not resolved: a symlink loop at state.path must not stop the agent from starting.
+        self._directory = os.path.dirname(os.path.abspath(state_path))
         self._fd: int | None = None
         self.fallback: str | None = None  # why the directory is locked instead of the file
 

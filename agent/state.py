@@ -18,7 +18,9 @@ import dataclasses
 import json
 import os
 import sqlite3
+import stat
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,14 +142,17 @@ class Store:
         # (where the damaged file went, what was wrong with it) when it was moved aside.
         self.moved_aside: tuple[str, str] | None = None
         self._read_only = False
+        unusable = _not_a_file(self.path)
         try:
             if read_only:
+                if unusable is not None:
+                    raise StateError(f"state store {self.path} {unusable}", path=self.path)
                 if not Path(self.path).exists():
                     raise StateError(
                         f"state store {self.path} does not exist yet (has the agent run?)",
                         path=self.path,
                     )
-                uri = f"file:{Path(self.path).resolve()}?mode=ro"
+                uri = _uri(self.path, "mode=ro")
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
                 self._db.row_factory = sqlite3.Row
                 self._read_only = True
@@ -158,6 +163,11 @@ class Store:
                 "(check state.path and its directory's permissions)",
                 path=self.path,
             ) from None
+        if unusable is not None:
+            # Never opened, not even to read: a FIFO would block the agent for good.
+            self._db = self._memory_copy(None)
+            self.degraded = unusable
+            return
         try:
             self._db = self._open_file()
             damage = _damage(self._db)
@@ -256,10 +266,9 @@ class Store:
 
     def _readable_copy(self) -> sqlite3.Connection | None:
         """The file opened read-only, if it still can be (read-only directory, say)."""
-        absolute = Path(self.path).resolve()
         for query in ("mode=ro", "immutable=1"):
             try:
-                reader = sqlite3.connect(f"file:{absolute}?{query}", uri=True, timeout=10)
+                reader = sqlite3.connect(_uri(self.path, query), uri=True, timeout=10)
                 reader.execute("SELECT count(*) FROM events").fetchone()
                 return reader
             except sqlite3.Error:
@@ -653,6 +662,29 @@ _INACCESSIBLE = (
     "database table is locked",
     "database or disk is full",
 )
+
+
+def _not_a_file(path: str) -> str | None:
+    """Why ``path`` cannot be a state file (a FIFO, a directory, a symlink loop), or None
+    when it is a regular file or does not exist yet."""
+    if path == ":memory:":
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"cannot be opened: {error.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+    what = kind.get(stat.S_IFMT(mode), "a device or other special file")
+    return f"cannot be opened: it is {what}, not a regular file"
+
+
+def _uri(path: str, query: str) -> str:
+    """A SQLite URI for ``path``, whatever characters (``?``, ``#``, ``%``) its name holds."""
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?{query}"
 
 
 def _inaccessible(error: sqlite3.Error) -> bool:

@@ -8,6 +8,7 @@ started on."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -413,5 +414,52 @@ def test_a_record_that_cannot_be_read_back_is_moved_aside_whatever_it_says(
         assert store.moved_aside is not None
         assert store.moved_aside[0].endswith("state.db.corrupt-20270102T030405Z")
         assert store.degraded is None and store.events() == []
+    finally:
+        store.close()
+
+
+def make_symlink_loop(path: Path) -> None:
+    os.symlink(path.name, path)  # state.db -> state.db
+
+
+@pytest.mark.parametrize(
+    "make", [make_symlink_loop, os.mkfifo, os.mkdir], ids=["symlink_loop", "fifo", "directory"]
+)
+def test_a_state_path_that_is_no_file_leaves_the_agent_in_memory_and_stoppable(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess], make: Callable[[Path], None]
+) -> None:
+    make(tmp_path / "state.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes.append(
+        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    )
+    event = live.add_event(type="Reboot")
+    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
+    assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+    assert metric(url, "scheduled_events_agent_state_degraded", "") == 1
+    # status and history refuse the path with a message, at once, and touch nothing.
+    for command in ("status", "history"):
+        completed = subprocess.run(
+            [sys.executable, "-m", "agent", command, "--config", str(agent.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode != 0
+        assert "state.db" in completed.stderr and "Traceback" not in completed.stderr
+    started = time.monotonic()
+    assert agent.stop() == 0
+    assert time.monotonic() - started < STOP_TIMEOUT_SECONDS
+    assert os.path.lexists(tmp_path / "state.db")
+
+
+def test_status_reads_a_state_file_whose_path_holds_uri_characters(tmp_path: Path) -> None:
+    path = tmp_path / "odd?name#50%25" / "state.db"
+    populated_store(path, events=2)
+    store = Store(path, read_only=True)
+    try:
+        assert len(store.events()) == 2
     finally:
         store.close()
