@@ -23,12 +23,16 @@ import requests
 from agent.clock import Clock
 from agent.errors import AgentError, ImdsError, ImdsRequestRejected
 from agent.events import parse_iso8601
-from agent.http import DeadlineSession, json_value
+from agent.http import DeadlineSession, json_value, retry_after_seconds
 from agent.imds import ImdsClient, TokenCache
 
 ARM_RESOURCE = "https://management.azure.com/"
 ARM_API_VERSION = "2025-04-01"
 PERMISSION = "Microsoft.Compute/virtualMachines/performMaintenance/action"
+# A throttled check waits what Retry-After says, within an hour; a minute when it says nothing
+# readable.
+RETRY_AFTER_MAX_SECONDS = 3600.0
+THROTTLED_DEFAULT_SECONDS = 60.0
 
 
 def parse_arm_time(text: str) -> datetime:
@@ -210,8 +214,10 @@ def _error_for(response: requests.Response, method: str, url: str) -> ArmError:
             f"{where}: {message} (self-service maintenance is not allowed now)", cause="not_allowed"
         )
     if status == 429:
-        retry = response.headers.get("Retry-After", "")
-        seconds = float(retry) if retry.replace(".", "", 1).isdigit() else 60.0
+        retry = retry_after_seconds(
+            response.headers.get("Retry-After", ""), at_most=RETRY_AFTER_MAX_SECONDS
+        )
+        seconds = THROTTLED_DEFAULT_SECONDS if retry is None else retry
         return ArmError(
             f"{where}: throttled, retrying in {seconds:g} s", cause="throttled", retry_after=seconds
         )

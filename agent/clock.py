@@ -36,4 +36,5 @@ class SystemClock:
         return time.monotonic()
 
     def wait(self, seconds: float) -> bool:
-        return self.stop.wait(max(0.0, seconds))
+        # threading refuses a timeout past TIMEOUT_MAX (OverflowError): none is that long.
+        return self.stop.wait(min(max(0.0, seconds), threading.TIMEOUT_MAX / 2))

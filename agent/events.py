@@ -378,6 +378,14 @@ def _parse_event(raw: object, path: str) -> ScheduledEvent:
     )
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _required_text(raw: Mapping[str, object], key: str, path: str) -> str:
     if key not in raw:
         raise DocumentError("missing key", path=f"{path}.{key}")
@@ -385,6 +393,11 @@ def _required_text(raw: Mapping[str, object], key: str, path: str) -> str:
     if not isinstance(value, str) or value.strip() == "":
         raise DocumentError(
             f"expected a non-empty string, got {_describe(value)}", path=f"{path}.{key}"
+        )
+    if not _utf8(value):  # a lone surrogate ('\ud800' in the JSON) cannot be stored
+        raise DocumentError(
+            f"expected a string of characters, got one with a lone surrogate: {_describe(value)}",
+            path=f"{path}.{key}",
         )
     return value
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -52,6 +53,18 @@ def json_value(body: bytes | str) -> Any:
         return json.loads(body)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
+
+
+def retry_after_seconds(value: str, *, at_most: float) -> float | None:
+    """A Retry-After in delta-seconds (ASCII digits, a fraction allowed), capped at
+    ``at_most``; None when it is anything else (an HTTP date, a sign, '²', 'nan')."""
+    match = _DELTA_SECONDS.fullmatch(value.strip())
+    if match is None:
+        return None
+    return at_most if len(match.group(1)) > 12 else min(float(match.group(0)), at_most)
+
+
+_DELTA_SECONDS = re.compile(r"([0-9]+)(?:\.[0-9]+)?")
 
 
 class _Guard:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,13 @@ from agent.errors import (
     OperationCancelled,
 )
 from agent.events import ScheduledEventsDocument, parse_document_bytes
-from agent.http import AnswerTooLarge, DeadlineExceeded, DeadlineSession, json_value
+from agent.http import (
+    AnswerTooLarge,
+    DeadlineExceeded,
+    DeadlineSession,
+    json_value,
+    retry_after_seconds,
+)
 
 DEFAULT_URL = "http://169.254.169.254"
 DEFAULT_API_VERSION = "2020-07-01"
@@ -301,7 +308,7 @@ class ImdsClient:
             except ValueError:
                 data = None
             token = data.get("access_token") if isinstance(data, dict) else None
-            if status != 200 or not isinstance(token, str) or not token:
+            if status != 200 or not isinstance(token, str) or not _BEARER.fullmatch(token):
                 raise ImdsResponseInvalid(
                     f"imds: no token in the answer of {url}: {_snippet(body)}", url=url
                 )
@@ -421,13 +428,14 @@ class ImdsClient:
         return status, payload, response.headers
 
 
+# A bearer token as HTTP carries it (RFC 6750's b64token): anything else, a non-Latin-1
+# character or a line break, cannot go into an Authorization header.
+_BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After", "")
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds <= 120 else None
+    seconds = retry_after_seconds(headers.get("Retry-After", ""), at_most=float("inf"))
+    return seconds if seconds is not None and seconds <= 120 else None
 
 
 def _reason(error: Exception) -> str:

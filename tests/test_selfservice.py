@@ -620,3 +620,45 @@ def test_an_update_domain_that_is_no_small_number_counts_as_domain_0(
         store.close()
         arm.close()
         imds.close()
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        ("2.5", 2.5),
+        ("99999999999999", 3600.0),  # a wait this long overflowed the watcher's wait
+        ("1" * 400, 3600.0),
+        ("\u00b2", 60.0),  # a digit to str.isdigit, not to float()
+        ("nan", 60.0),
+        ("-5", 60.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
+        ("", 60.0),
+    ],
+)
+def test_a_throttled_answer_waits_a_bounded_time_whatever_its_retry_after_says(
+    live: Emulator, arm_client: tuple[ArmClient, str], header: str, seconds: float
+) -> None:
+    client, resource_id = arm_client
+    live.control("POST", "arm", {"error": {"status": 429, "retry_after": header}})
+    with pytest.raises(ArmError) as raised:
+        client.instance_view(resource_id)
+    assert raised.value.cause == "throttled"
+    assert raised.value.retry_after == seconds
+
+
+def test_the_system_clock_waits_out_any_length_without_overflowing() -> None:
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(SystemClock(stop).wait(1e300))
+        except OverflowError as error:
+            outcome.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    stop.set()
+    waiter.join(timeout=10)
+    assert outcome == [True]

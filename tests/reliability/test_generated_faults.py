@@ -11,6 +11,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from agent.errors import AgentError, DocumentError
 from agent.events import parse_document_bytes
 from agent.fleet import FleetLockSlots
 from agent.imds import ImdsClient, RetryPolicy
+from agent.state import Store
 from tests.agent_harness import calls
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.reliability.agents import AgentProcess
@@ -45,6 +47,8 @@ HOSTILE_VALUES: dict[str, bytes] = {
     "nul_raw": b'"a\x00b"',
     "invalid_utf8": b'"\xff\xfe\xc3("',
     "lone_surrogate": b'"\\ud800"',
+    "not_latin1": b'"\\u2603"',
+    "header_break": b'"a\\r\\nX-Injected: 1"',
     "empty_string": b'""',
     "null": b"null",
     "true": b"true",
@@ -146,13 +150,21 @@ ANSWERS: dict[str, Callable[[], Iterator[tuple[str, bytes]]]] = {
 
 
 def test_every_hostile_value_in_every_field_of_the_document(tried: Counter[str]) -> None:
+    """A document is refused, or each of its events can be stored and read back."""
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     for case, body in documents():
+        store = Store(":memory:")
         try:
-            parse_document_bytes(body)
+            document = parse_document_bytes(body)
+            for event in document.events:
+                store.discover(event, relevant=True, reason="test", document_incarnation=1, now=now)
+                assert store.get(event.key) is not None
         except DocumentError:
             pass
         except Exception as error:  # anything else would reach the poll loop as a bug
             pytest.fail(f"{case}: {type(error).__name__}: {error}")
+        finally:
+            store.close()
         tried["hostile values: Scheduled Events document"] += 1
 
 
@@ -173,7 +185,10 @@ def test_every_hostile_value_in_every_field_of_the_other_answers(
     stand_in.post_answers_body = True
     calls_for = {
         "instance metadata": imds.fetch_instance_metadata,
-        "token": lambda: imds.fetch_token("https://management.azure.com/"),
+        # The token as the ARM client uses it, in its Authorization header.
+        "token": lambda: ArmClient(
+            stand_in.url, imds, clock=clock, stop=stop, timeout_seconds=5
+        ).instance_view("/subscriptions/s/vm"),
         "ARM instance view": lambda: arm.instance_view("/subscriptions/s/vm"),
         "ARM operation": lambda: arm.operation_status(f"{stand_in.url}/operations/1"),
         "FleetLock refusal": lambda: fleetlock.acquire("e", "now"),
