@@ -76,22 +76,30 @@ class _Guard:
         self.stop = stop
         self.why: str | None = None
         self._socket: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._owned: list[socket.socket] = []  # duplicates made for this guard, closed at release
+        self._lock = threading.Lock()  # cutting and closing never interleave
 
-    def attach(self, sock: socket.socket | None) -> None:
+    def attach(self, sock: socket.socket | None, *, owned: bool = False) -> None:
         with self._lock:
             self._socket = sock
-            fired = self.why is not None
-        if fired:
-            _cut(sock)
+            if owned and sock is not None:
+                self._owned.append(sock)
+            if self.why is not None:
+                _cut(sock)
 
     def fire(self, why: str) -> None:
         with self._lock:
             if self.why is not None:
                 return
             self.why = why
-            sock = self._socket
-        _cut(sock)
+            _cut(self._socket)
+
+    def release(self) -> None:
+        with self._lock:
+            for sock in self._owned:
+                sock.close()
+            self._owned.clear()
+            self._socket = None
 
 
 def _cut(sock: socket.socket | None) -> None:
@@ -147,21 +155,37 @@ _MONITOR = _Monitor()
 _current = threading.local()
 
 
-def _tell_guard(connection: HTTPConnection) -> None:
+def _tell_guard(sock: socket.socket | None) -> None:
     guard = getattr(_current, "guard", None)
     if guard is not None:
-        guard.attach(connection.sock)
+        guard.attach(sock)
+
+
+def _guard_new(sock: socket.socket) -> socket.socket:
+    """Give the guard a new connection's socket from the moment it is connected, so that a
+    TLS handshake or a proxy's CONNECT that never ends is cut too. A duplicate: wrapping the
+    socket in TLS detaches the original object from its descriptor."""
+    guard = getattr(_current, "guard", None)
+    if guard is not None:
+        guard.attach(sock.dup(), owned=True)
+    return sock
 
 
 class _GuardedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _guard_new(super()._new_conn())
+
     def getresponse(self, *arguments: Any, **options: Any) -> Any:
-        _tell_guard(self)
+        _tell_guard(self.sock)  # a pooled connection is told again for each request
         return super().getresponse(*arguments, **options)
 
 
 class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return _guard_new(super()._new_conn())
+
     def getresponse(self, *arguments: Any, **options: Any) -> Any:
-        _tell_guard(self)
+        _tell_guard(self.sock)
         return super().getresponse(*arguments, **options)
 
 
@@ -234,6 +258,7 @@ class DeadlineSession(requests.Session):
         finally:
             _current.guard = None
             _MONITOR.remove(guard)
+            guard.release()
         if guard.why is not None:
             response.close()
             raise DeadlineExceeded(f"{method} {url}: {guard.why}")

@@ -84,7 +84,9 @@ class SlowServer:
     - ``trickle_headers``: the status line and headers one byte a second, forever;
     - ``truncated``: half the body it declares, then the connection is closed;
     - ``oversized``: a 5 MiB body;
-    - ``silent``: reads the request and never answers (the connection stays open).
+    - ``silent``: reads the request and never answers (the connection stays open);
+    - ``trickle_tls``: takes a TLS ClientHello and answers with a TLS record one byte a
+      second, so that the handshake itself never ends (use the URL with ``https://``).
 
     ``requests`` counts the requests it read."""
 
@@ -113,6 +115,13 @@ class SlowServer:
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
+        if self.mode == "trickle_tls":
+            with contextlib.suppress(OSError):
+                connection.recv(65536)  # the ClientHello
+                self.requests += 1
+                # A handshake record announcing 16 KiB, then its bytes one a second.
+                self._drip(connection, b"\x16\x03\x03\x40\x00" + b"\x00" * 16384)
+            return
         reader = connection.makefile("rb")
         try:
             while not self._closing.is_set():

@@ -294,6 +294,52 @@ def test_the_stop_flag_ends_a_call_in_flight(client: str) -> None:
         server.close()
 
 
+HTTPS_CLIENTS = ("arm", "blob", "fleetlock")  # IMDS, for the token too, is plain HTTP
+
+
+@pytest.mark.parametrize("client", HTTPS_CLIENTS)
+def test_a_tls_handshake_that_never_ends_is_cut_at_the_deadline(client: str) -> None:
+    server = SlowServer()
+    server.mode = "trickle_tls"
+    stop = threading.Event()
+    try:
+        # 3 s: longer than the server's pause between two bytes, so no single read times out.
+        call = CLIENTS[client](server.url.replace("http://", "https://"), stop, 3.0)
+        started = time.monotonic()
+        with pytest.raises((ArmError, FleetError)):
+            call()
+        assert server.requests >= 1
+        assert time.monotonic() - started < 15
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("client", HTTPS_CLIENTS)
+def test_the_stop_flag_ends_a_tls_handshake_in_flight(client: str) -> None:
+    server = SlowServer()
+    server.mode = "trickle_tls"
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+    try:
+        call = CLIENTS[client](server.url.replace("http://", "https://"), stop, 3600.0)
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as error:
+                outcome.append(error)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        wait_until(lambda: server.requests >= 1, timeout=10)
+        stop.set()
+        worker.join(timeout=15)
+        assert not worker.is_alive(), "the handshake went on after the stop flag was set"
+        assert outcome and isinstance(outcome[0], (ArmError, FleetError))
+    finally:
+        server.close()
+
+
 # 3. A damaged state file is survived ------------------------------------------------------
 
 
