@@ -10,8 +10,10 @@ Invariants:
 - One monitor thread watches every request in flight. When a request's deadline passes, or its
   stop flag is set, the monitor shuts its socket down; the blocked read returns at once, and
   the request raises :class:`DeadlineExceeded` (a ``requests.Timeout``).
-- The socket is found through our own connection classes, mounted on the session: the
-  connection tells the request's guard its socket just before it reads the answer.
+- The socket is found through our own connection classes, mounted on the session: a new
+  connection tells the request's guard its socket as soon as it is connected (so a TLS
+  handshake is cut too), a pooled one just before it reads the answer.
+- No redirect is followed: a 3xx is handed to the caller as an answer it did not expect.
 - An answer is read whole, up to ``max_body_bytes`` (:class:`AnswerTooLarge` beyond), before
   ``request`` returns: nothing is left to read, untimed, afterwards.
 - A cut answer's connection is closed, never put back in the pool.
@@ -214,7 +216,7 @@ class _GuardedAdapter(HTTPAdapter):
 
 class DeadlineSession(requests.Session):
     """A ``requests.Session`` whose ``timeout`` is each request's whole budget (a pair is
-    added up), and whose requests end when ``stop`` is set."""
+    added up), whose requests end when ``stop`` is set, and which follows no redirect."""
 
     def __init__(
         self,
@@ -239,6 +241,9 @@ class DeadlineSession(requests.Session):
             raise ValueError("every request of the agent needs a timeout")
         seconds = float(sum(timeout)) if isinstance(timeout, tuple) else float(timeout)
         options["stream"] = True
+        # Never followed: a redirect could carry the VM's token, or its traffic, anywhere. A 3xx
+        # is an answer like any other the caller did not expect.
+        options["allow_redirects"] = False
         guard = _Guard(seconds, self.stop)
         if self.stop is not None and self.stop.is_set():
             raise DeadlineExceeded(f"{method} {url}: the agent is stopping")

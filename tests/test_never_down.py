@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -292,6 +293,63 @@ def test_the_stop_flag_ends_a_call_in_flight(client: str) -> None:
         assert outcome and isinstance(outcome[0], (ArmError, FleetError, AgentError))
     finally:
         server.close()
+
+
+class Redirecting:
+    """Answers every request with a 307 to ``target``, and counts them."""
+
+    def __init__(self, target: str) -> None:
+        owner = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                owner.requests += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(307)
+                self.send_header("Location", f"{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.answer()
+
+            def do_POST(self) -> None:
+                self.answer()
+
+            def do_PUT(self) -> None:
+                self.answer()
+
+            def do_DELETE(self) -> None:
+                self.answer()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_no_outbound_call_follows_a_redirect(client: str) -> None:
+    # A redirect could send the VM's token, or its traffic, anywhere: none is followed.
+    elsewhere = SlowServer()
+    redirecting = Redirecting(elsewhere.url)
+    stop = threading.Event()
+    try:
+        call = CLIENTS[client](redirecting.url, stop, 5.0)
+        with pytest.raises((ArmError, FleetError, ImdsError)):
+            call()
+        assert redirecting.requests >= 1
+        assert elsewhere.requests == 0
+    finally:
+        redirecting.close()
+        elsewhere.close()
 
 
 HTTPS_CLIENTS = ("arm", "blob", "fleetlock")  # IMDS, for the token too, is plain HTTP
