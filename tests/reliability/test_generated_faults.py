@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -287,6 +288,7 @@ def test_slow_truncated_and_oversized_answers_fail_polls_within_their_budget(
 # Random damage to the state file ----------------------------------------------------------
 
 DAMAGE_RUNS = 20
+WAL_DAMAGE_RUNS = 6
 
 
 @pytest.fixture(scope="module")
@@ -296,17 +298,37 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def wal_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """A store as a process that was killed leaves it: the last writes still in its -wal."""
+    path = tmp_path_factory.mktemp("wal-template") / "state.db"
+    populated_store(path)
+    writer = sqlite3.connect(path)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        with writer:
+            writer.execute("UPDATE events SET reason = reason || ' (again)'")
+            writer.execute("UPDATE hook_runs SET output_tail = output_tail || 'again'")
+        return path.read_bytes(), Path(f"{path}-wal").read_bytes()
+    finally:
+        writer.close()
+
+
+def damage_at_random(path: Path, chance: random.Random) -> None:
+    size = path.stat().st_size
+    for _ in range(chance.randint(1, 4)):
+        # Anywhere, the header included.
+        offset = 0 if chance.random() < 0.2 else chance.randrange(size)
+        damage(path, offset, chance.randint(1, 600), seed=chance.randrange(2**32))
+
+
 @pytest.mark.parametrize("run", range(DAMAGE_RUNS))
 def test_random_damage_to_the_state_file_is_survived(
     live: Emulator, tmp_path: Path, template: bytes, run: int, tried: Counter[str]
 ) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(template)
-    chance = random.Random(run)
-    for _ in range(chance.randint(1, 4)):
-        # Anywhere, the 100-byte header included.
-        offset = 0 if chance.random() < 0.2 else chance.randrange(len(template))
-        damage(path, offset, chance.randint(1, 600), seed=chance.randrange(2**32))
+    damage_at_random(path, random.Random(run))
     agent = AgentProcess(tmp_path, live.url)
     try:
         event = live.add_event(type="Reboot")
@@ -317,6 +339,30 @@ def test_random_damage_to_the_state_file_is_survived(
         tried[
             "state file damaged at random: event prepared"
             + (", file moved aside" if moved else ", damage unseen")
+        ] += 1
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("run", range(WAL_DAMAGE_RUNS))
+def test_random_damage_to_the_write_ahead_log_is_survived(
+    live: Emulator, tmp_path: Path, wal_template: tuple[bytes, bytes], run: int, tried: Counter[str]
+) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(wal_template[0])
+    wal = Path(f"{path}-wal")
+    wal.write_bytes(wal_template[1])
+    damage_at_random(wal, random.Random(1000 + run))
+    agent = AgentProcess(tmp_path, live.url)
+    try:
+        event = live.add_event(type="Reboot")
+        wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
+        assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+        assert agent.alive()
+        moved = any(line["event"] == "state.moved_aside" for line in agent.logs())
+        tried[
+            "write-ahead log damaged at random: event prepared"
+            + (", file moved aside" if moved else ", damaged frames dropped")
         ] += 1
     finally:
         agent.stop()
