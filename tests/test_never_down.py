@@ -66,6 +66,16 @@ def metric(url: str, name: str, labels: str) -> float | None:
     return None
 
 
+def more_polls(url: str, outcome: str, than: float = 0, timeout: float = 40) -> None:
+    """Wait until the agent at ``url`` has counted more than ``than`` polls of ``outcome``."""
+    labels = f'outcome="{outcome}"'
+    wait_until(lambda: (metric(url, POLLS, labels) or 0) > than, timeout=timeout)
+
+
+def polls(url: str, outcome: str) -> float:
+    return metric(url, POLLS, f'outcome="{outcome}"') or 0
+
+
 @pytest.fixture
 def processes() -> Iterator[list[AgentProcess]]:
     running: list[AgentProcess] = []
@@ -161,15 +171,14 @@ def test_a_slow_imds_answer_fails_the_poll_and_sigterm_still_stops_the_agent(
         processes.append(
             agent := AgentProcess(tmp_path, imds.url, metrics={"listen": f"127.0.0.1:{port}"})
         )
-        wait_until(lambda: metric(url, POLLS, 'outcome="unchanged"') or 0, timeout=30)
+        more_polls(url, "unchanged", timeout=30)
         imds.mode = mode
         # The poll that meets it fails like any other: logged, counted, unhealthy.
-        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) >= 1, timeout=40)
+        more_polls(url, "failed")
         assert any(line["event"] == "imds.poll_failed" for line in agent.logs())
         wait_until(lambda: healthz(url) == 503, timeout=40)
         # The loop goes on: more polls fail, each within its deadline.
-        failed = metric(url, POLLS, 'outcome="failed"') or 0
-        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) > failed, timeout=40)
+        more_polls(url, "failed", than=polls(url, "failed"))
         # SIGTERM ends the agent, whatever request it is in, well within systemd's stop timeout.
         requested = imds.requests
         wait_until(lambda: imds.requests > requested, timeout=40)
@@ -190,12 +199,9 @@ def test_the_agent_recovers_when_imds_answers_again(
         processes.append(AgentProcess(tmp_path, imds.url, metrics={"listen": f"127.0.0.1:{port}"}))
         wait_until(lambda: healthz(url) == 200, timeout=30)
         imds.mode = "trickle"
-        wait_until(lambda: (metric(url, POLLS, 'outcome="failed"') or 0) >= 1, timeout=40)
+        more_polls(url, "failed")
         imds.mode = "good"
-        unchanged = metric(url, POLLS, 'outcome="unchanged"') or 0
-        wait_until(
-            lambda: (metric(url, POLLS, 'outcome="unchanged"') or 0) > unchanged + 3, timeout=40
-        )
+        more_polls(url, "unchanged", than=polls(url, "unchanged") + 3)
         assert healthz(url) == 200
     finally:
         imds.close()
@@ -251,32 +257,48 @@ class TokenStandIn:
         self.url = self.server.url
 
 
-@pytest.mark.parametrize("mode", SLOW_MODES)
-@pytest.mark.parametrize("client", sorted(CLIENTS))
+HTTPS_CLIENTS = ("arm", "blob", "fleetlock")  # IMDS, for the token too, is plain HTTP
+# Every client with every slow mode; a TLS handshake that never ends for those that speak TLS.
+TLS_CASES = [(client, "trickle_tls") for client in HTTPS_CLIENTS]
+SLOW_CASES = [(client, mode) for client in sorted(CLIENTS) for mode in SLOW_MODES] + TLS_CASES
+
+
+def url_for(server: SlowServer) -> str:
+    return server.url.replace("http://", "https://") if server.mode == "trickle_tls" else server.url
+
+
+@pytest.mark.parametrize(("client", "mode"), SLOW_CASES)
 def test_every_outbound_call_ends_at_its_deadline(client: str, mode: str) -> None:
     server = SlowServer()
     server.mode = mode
     stop = threading.Event()
     try:
-        call = CLIENTS[client](server.url, stop, 1.0)
-        started = time.monotonic()
-        with pytest.raises((ArmError, FleetError, ImdsError)):
-            call()
-        # A deadline of 1 s: without one, this call would wait for the whole trickle (an
-        # hour) or forever. The bound is loose on purpose: no test depends on a fast machine.
-        assert time.monotonic() - started < 15
+        # 3 s: longer than the server's pause between two bytes, so no single read times out.
+        ends_by_its_deadline(CLIENTS[client](url_for(server), stop, 3.0), server)
     finally:
         server.close()
 
 
-@pytest.mark.parametrize("client", sorted(CLIENTS))
-def test_the_stop_flag_ends_a_call_in_flight(client: str) -> None:
+def ends_by_its_deadline(call: Callable[[], object], server: SlowServer) -> None:
+    """``call``, whose deadline is 3 s, fails well before the 15 s a slow machine may take."""
+    started = time.monotonic()
+    with pytest.raises((ArmError, FleetError, ImdsError)):
+        call()
+    assert server.requests >= 1
+    # Without a deadline, this call would wait for the whole trickle (hours) or forever.
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize(
+    ("client", "mode"), [(client, "silent") for client in sorted(CLIENTS)] + TLS_CASES
+)
+def test_the_stop_flag_ends_a_call_in_flight(client: str, mode: str) -> None:
     server = SlowServer()
-    server.mode = "silent"
+    server.mode = mode
     stop = threading.Event()
     outcome: list[BaseException] = []
     try:
-        call = CLIENTS[client](server.url, stop, 3600.0)
+        call = CLIENTS[client](url_for(server), stop, 3600.0)
 
         def run() -> None:
             try:
@@ -352,52 +374,6 @@ def test_no_outbound_call_follows_a_redirect(client: str) -> None:
         elsewhere.close()
 
 
-HTTPS_CLIENTS = ("arm", "blob", "fleetlock")  # IMDS, for the token too, is plain HTTP
-
-
-@pytest.mark.parametrize("client", HTTPS_CLIENTS)
-def test_a_tls_handshake_that_never_ends_is_cut_at_the_deadline(client: str) -> None:
-    server = SlowServer()
-    server.mode = "trickle_tls"
-    stop = threading.Event()
-    try:
-        # 3 s: longer than the server's pause between two bytes, so no single read times out.
-        call = CLIENTS[client](server.url.replace("http://", "https://"), stop, 3.0)
-        started = time.monotonic()
-        with pytest.raises((ArmError, FleetError)):
-            call()
-        assert server.requests >= 1
-        assert time.monotonic() - started < 15
-    finally:
-        server.close()
-
-
-@pytest.mark.parametrize("client", HTTPS_CLIENTS)
-def test_the_stop_flag_ends_a_tls_handshake_in_flight(client: str) -> None:
-    server = SlowServer()
-    server.mode = "trickle_tls"
-    stop = threading.Event()
-    outcome: list[BaseException] = []
-    try:
-        call = CLIENTS[client](server.url.replace("http://", "https://"), stop, 3600.0)
-
-        def run() -> None:
-            try:
-                call()
-            except BaseException as error:
-                outcome.append(error)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        wait_until(lambda: server.requests >= 1, timeout=10)
-        stop.set()
-        worker.join(timeout=15)
-        assert not worker.is_alive(), "the handshake went on after the stop flag was set"
-        assert outcome and isinstance(outcome[0], (ArmError, FleetError))
-    finally:
-        server.close()
-
-
 # 3. A damaged state file is survived ------------------------------------------------------
 
 
@@ -446,6 +422,35 @@ def damage(path: Path, offset: int, length: int, seed: int) -> None:
         file.write(noise)
 
 
+def prepared_and_approved(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess]
+) -> tuple[AgentProcess, str]:
+    """Start the agent in ``tmp_path``, give this VM an event, and wait until it is prepared
+    and approved; the agent and its metrics URL."""
+    port = free_port()
+    processes.append(
+        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    )
+    event = live.add_event(type="Reboot")
+    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
+    assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+    return agent, f"http://127.0.0.1:{port}"
+
+
+def reports(agent: AgentProcess) -> list[subprocess.CompletedProcess[str]]:
+    """``status`` and ``history`` run beside the agent, on its configuration."""
+    return [
+        subprocess.run(
+            [sys.executable, "-m", "agent", command, "--config", str(agent.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for command in ("status", "history")
+    ]
+
+
 def test_a_page_overwritten_inside_the_state_file_is_moved_aside_and_the_event_prepared(
     live: Emulator, tmp_path: Path, processes: list[AgentProcess]
 ) -> None:
@@ -454,28 +459,14 @@ def test_a_page_overwritten_inside_the_state_file_is_moved_aside_and_the_event_p
     page_size = 4096
     # 392 bytes inside the events table's root page: the header of the file stays intact.
     damage(path, page_size + 8, 392, seed=1)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    processes.append(
-        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
-    )
-    event = live.add_event(type="Reboot")
-    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
-    assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+    agent, url = prepared_and_approved(live, tmp_path, processes)
     moved = [line for line in agent.logs() if line["event"] == "state.moved_aside"]
     assert len(moved) == 1
     aside = Path(moved[0]["moved_to"])
     assert aside.exists() and aside.name.startswith("state.db.corrupt-")
     assert metric(url, "scheduled_events_agent_state_degraded", "") == 1
     # status and history read the fresh file.
-    for command in ("status", "history"):
-        completed = subprocess.run(
-            [sys.executable, "-m", "agent", command, "--config", str(agent.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    for completed in reports(agent):
         assert completed.returncode == 0, completed.stderr
     assert agent.alive()
 
@@ -491,12 +482,7 @@ def test_an_arm_call_through_a_proxy_ends_at_its_deadline(
     stop = threading.Event()
     try:
         # ARM's own address is never reached: the proxy takes the request and trickles.
-        call = arm_call("http://127.0.0.1:9", stop, 3.0)
-        started = time.monotonic()
-        with pytest.raises(ArmError):
-            call()
-        assert proxy.requests >= 1
-        assert time.monotonic() - started < 15
+        ends_by_its_deadline(arm_call("http://127.0.0.1:9", stop, 3.0), proxy)
     finally:
         proxy.close()
 
@@ -533,24 +519,10 @@ def test_a_state_path_that_is_no_file_leaves_the_agent_in_memory_and_stoppable(
     live: Emulator, tmp_path: Path, processes: list[AgentProcess], make: Callable[[Path], None]
 ) -> None:
     make(tmp_path / "state.db")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    processes.append(
-        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
-    )
-    event = live.add_event(type="Reboot")
-    wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
-    assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+    agent, url = prepared_and_approved(live, tmp_path, processes)
     assert metric(url, "scheduled_events_agent_state_degraded", "") == 1
     # status and history refuse the path with a message, at once, and touch nothing.
-    for command in ("status", "history"):
-        completed = subprocess.run(
-            [sys.executable, "-m", "agent", command, "--config", str(agent.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    for completed in reports(agent):
         assert completed.returncode != 0
         assert "state.db" in completed.stderr and "Traceback" not in completed.stderr
     started = time.monotonic()

@@ -29,7 +29,14 @@ from tests.agent_harness import calls
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.reliability.agents import AgentProcess
 from tests.standin import SlowServer, StandIn
-from tests.test_never_down import THREADS, damage, free_port, metric, populated_store
+from tests.test_never_down import (
+    THREADS,
+    damage,
+    free_port,
+    more_polls,
+    polls,
+    populated_store,
+)
 
 # Raw JSON text put where a value belongs: out-of-range and non-integer numbers, deep nesting,
 # strings with NUL, invalid UTF-8, every JSON type, a huge string.
@@ -256,27 +263,17 @@ def test_slow_truncated_and_oversized_answers_fail_polls_within_their_budget(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     agent = AgentProcess(tmp_path, imds.url, metrics={"listen": f"127.0.0.1:{port}"})
-    polls = "scheduled_events_agent_polls_total"
     try:
-        wait_until(lambda: (metric(url, polls, 'outcome="unchanged"') or 0) > 0, timeout=30)
+        more_polls(url, "unchanged", timeout=30)
         for mode in ANSWER_MODES:
-            failed = metric(url, polls, 'outcome="failed"') or 0
+            failed = polls(url, "failed")
             imds.mode = mode
-            wait_until(
-                lambda failed=failed: (metric(url, polls, 'outcome="failed"') or 0) > failed,
-                timeout=40,
-            )
             # A poll's budget is 5 s, its last attempt's deadline 7 s: a failed poll is counted
             # within 12 s on any machine that runs the agent at all; 40 s is the test's patience.
+            more_polls(url, "failed", than=failed)
             tried[f"{mode} answers: the poll failed within its budget, then recovered"] += 1
             imds.mode = "good"
-            unchanged = metric(url, polls, 'outcome="unchanged"') or 0
-            wait_until(
-                lambda unchanged=unchanged: (
-                    (metric(url, polls, 'outcome="unchanged"') or 0) > unchanged
-                ),
-                timeout=40,
-            )
+            more_polls(url, "unchanged", than=polls(url, "unchanged"))
             assert agent.alive()
         assert agent.stop() == 0
     finally:
@@ -329,17 +326,23 @@ def test_random_damage_to_the_state_file_is_survived(
     path = tmp_path / "state.db"
     path.write_bytes(template)
     damage_at_random(path, random.Random(run))
+    moved = prepared_despite_damage(live, tmp_path)
+    tried[
+        "state file damaged at random: event prepared"
+        + (", file moved aside" if moved else ", damage unseen")
+    ] += 1
+
+
+def prepared_despite_damage(live: Emulator, tmp_path: Path) -> bool:
+    """Start the agent on the damaged store in ``tmp_path``; once this VM's event is prepared
+    and approved, whether the file was moved aside."""
     agent = AgentProcess(tmp_path, live.url)
     try:
         event = live.add_event(type="Reboot")
         wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
         assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
         assert agent.alive()
-        moved = any(line["event"] == "state.moved_aside" for line in agent.logs())
-        tried[
-            "state file damaged at random: event prepared"
-            + (", file moved aside" if moved else ", damage unseen")
-        ] += 1
+        return any(line["event"] == "state.moved_aside" for line in agent.logs())
     finally:
         agent.stop()
 
@@ -353,19 +356,11 @@ def test_random_damage_to_the_write_ahead_log_is_survived(
     wal = Path(f"{path}-wal")
     wal.write_bytes(wal_template[1])
     damage_at_random(wal, random.Random(1000 + run))
-    agent = AgentProcess(tmp_path, live.url)
-    try:
-        event = live.add_event(type="Reboot")
-        wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
-        assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
-        assert agent.alive()
-        moved = any(line["event"] == "state.moved_aside" for line in agent.logs())
-        tried[
-            "write-ahead log damaged at random: event prepared"
-            + (", file moved aside" if moved else ", damaged frames dropped")
-        ] += 1
-    finally:
-        agent.stop()
+    moved = prepared_despite_damage(live, tmp_path)
+    tried[
+        "write-ahead log damaged at random: event prepared"
+        + (", file moved aside" if moved else ", damaged frames dropped")
+    ] += 1
 
 
 # Each thread raising ---------------------------------------------------------------------
