@@ -48,6 +48,12 @@ class AnswerTooLarge(requests.RequestException):
     """The answer is larger than the session's ``max_body_bytes``."""
 
 
+class ExchangeFailed(requests.RequestException):
+    """Sending the request or reading the answer raised something that is no ``requests``
+    error (``http.client`` raises ValueError for a negative chunk size, say): to the caller, a
+    failed request like any other."""
+
+
 def json_value(body: bytes | str) -> Any:
     """The JSON value of an answer. ValueError for anything that is not JSON, nesting too deep
     for the parser (RecursionError) included, so that callers need to catch one error only."""
@@ -260,6 +266,10 @@ class DeadlineSession(requests.Session):
             if guard.why is not None and not isinstance(error, AnswerTooLarge):
                 raise DeadlineExceeded(f"{method} {url}: {guard.why}") from None
             raise
+        except Exception as error:
+            if guard.why is not None:
+                raise DeadlineExceeded(f"{method} {url}: {guard.why}") from None
+            raise ExchangeFailed(f"{method} {url}: {type(error).__name__}: {error}") from None
         finally:
             _current.guard = None
             _MONITOR.remove(guard)

@@ -85,6 +85,7 @@ class SlowServer:
     - ``truncated``: half the body it declares, then the connection is closed;
     - ``oversized``: a 5 MiB body;
     - ``silent``: reads the request and never answers (the connection stays open);
+    - ``bad_chunk``: a chunked body whose first chunk size is ``-5``;
     - ``trickle_tls``: takes a TLS ClientHello and answers with a TLS record one byte a
       second, so that the handshake itself never ends (use the URL with ``https://``).
 
@@ -162,6 +163,11 @@ class SlowServer:
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {size}\r\n\r\n".encode()
                 + b" " * size
+            )
+        elif mode == "bad_chunk":
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"
             )
         elif mode == "trickle_headers":
             self._drip(connection, head + b"X-Slow: " + b"x" * 100_000)

@@ -317,6 +317,37 @@ def test_the_stop_flag_ends_a_call_in_flight(client: str, mode: str) -> None:
         server.close()
 
 
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_a_malformed_answer_is_a_failed_call_not_an_unexpected_error(client: str) -> None:
+    # A chunk size of -5: http.client raises ValueError, which is no requests error.
+    server = SlowServer()
+    server.mode = "bad_chunk"
+    try:
+        with pytest.raises((ArmError, FleetError, ImdsError)):
+            CLIENTS[client](server.url, threading.Event(), 5.0)()
+        assert server.requests >= 1
+    finally:
+        server.close()
+
+
+def test_a_malformed_instance_metadata_answer_at_start_up_is_survived(
+    tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    imds = SlowServer()
+    imds.mode = "bad_chunk"
+    try:
+        # The maintenance watcher reads instance metadata at start-up.
+        processes.append(
+            agent := AgentProcess(tmp_path, imds.url, maintenance={"check_interval_seconds": 60})
+        )
+        wait_until(lambda: imds.requests >= 3, timeout=60)
+        assert agent.alive(), agent.log_path.read_text()[-2000:]
+        assert not any(line["event"] == "thread.unexpected_error" for line in agent.logs())
+        assert agent.stop() == 0
+    finally:
+        imds.close()
+
+
 class Redirecting:
     """Answers every request with a 307 to ``target``, and counts them."""
 
