@@ -4,8 +4,9 @@ Invariants:
 - The lock is ``flock`` on ``<state.path>.lock``, which holds the PID of its holder. The kernel
   lets it go when the process ends, however it ends (``kill -9`` included): nothing stale is
   ever left to clean up.
-- If that file cannot be created (a read-only directory, say), the state directory itself is
-  locked instead, so two agents still cannot share a state file.
+- If that file cannot be created (a read-only directory, say) or is no regular file (a FIFO, a
+  link to /dev/null), the state directory itself is locked instead, so two agents still cannot
+  share a state file.
 - ``status``, ``history`` and ``approve`` never take it: they work beside a running daemon.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 
@@ -40,13 +42,16 @@ class InstanceLock:
         """Take the lock, or raise AlreadyRunning naming the holder's PID."""
         Path(self._directory).mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NONBLOCK: a FIFO put there must not block the open (it is refused below).
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(self.path, flags, 0o644)
         except OSError as error:
-            self.fallback = f"{self.path} cannot be created: {error.strerror}"
-            fd = os.open(self._directory, os.O_RDONLY | os.O_CLOEXEC)
-            where = self._directory
+            fd, where = self._lock_directory(f"{self.path} cannot be created: {error.strerror}")
         else:
             where = self.path
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                fd, where = self._lock_directory(f"{self.path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -60,6 +65,10 @@ class InstanceLock:
             os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    def _lock_directory(self, why: str) -> tuple[int, str]:
+        self.fallback = why
+        return os.open(self._directory, os.O_RDONLY | os.O_CLOEXEC), self._directory
 
     def release(self) -> None:
         if self._fd is not None:

@@ -665,21 +665,24 @@ _INACCESSIBLE = (
 
 
 def _not_a_file(path: str) -> str | None:
-    """Why ``path`` cannot be a state file (a FIFO, a directory, a symlink loop), or None
-    when it is a regular file or does not exist yet."""
+    """Why ``path``, or a file SQLite opens beside it (its journal, WAL or shared memory),
+    cannot be used (a FIFO, a directory, a symlink loop); None when each is a regular file or
+    does not exist yet."""
     if path == ":memory:":
         return None
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        return f"cannot be opened: {error.strerror}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
-    what = kind.get(stat.S_IFMT(mode), "a device or other special file")
-    return f"cannot be opened: it is {what}, not a regular file"
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        try:
+            mode = os.stat(path + suffix).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            return f"cannot be opened: {path}{suffix}: {error.strerror}"
+        if stat.S_ISREG(mode):
+            continue
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+        what = kind.get(stat.S_IFMT(mode), "a device or other special file")
+        return f"cannot be opened: {path}{suffix} is {what}, not a regular file"
+    return None
 
 
 def _uri(path: str, query: str) -> str:

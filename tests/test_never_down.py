@@ -543,8 +543,27 @@ def make_symlink_loop(path: Path) -> None:
     os.symlink(path.name, path)  # state.db -> state.db
 
 
+def companion_fifo(suffix: str) -> Callable[[Path], None]:
+    """A good store, and a FIFO where SQLite looks for its journal, WAL or shared memory."""
+
+    def make(path: Path) -> None:
+        populated_store(path, events=2)
+        os.mkfifo(f"{path}{suffix}")
+
+    return make
+
+
 @pytest.mark.parametrize(
-    "make", [make_symlink_loop, os.mkfifo, os.mkdir], ids=["symlink_loop", "fifo", "directory"]
+    "make",
+    [
+        make_symlink_loop,
+        os.mkfifo,
+        os.mkdir,
+        companion_fifo("-journal"),
+        companion_fifo("-wal"),
+        companion_fifo("-shm"),
+    ],
+    ids=["symlink_loop", "fifo", "directory", "journal_fifo", "wal_fifo", "shm_fifo"],
 )
 def test_a_state_path_that_is_no_file_leaves_the_agent_in_memory_and_stoppable(
     live: Emulator, tmp_path: Path, processes: list[AgentProcess], make: Callable[[Path], None]
@@ -560,6 +579,21 @@ def test_a_state_path_that_is_no_file_leaves_the_agent_in_memory_and_stoppable(
     assert agent.stop() == 0
     assert time.monotonic() - started < STOP_TIMEOUT_SECONDS
     assert os.path.lexists(tmp_path / "state.db")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_null"])
+def test_a_lock_path_that_is_no_file_falls_back_to_locking_the_directory(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess], kind: str
+) -> None:
+    lock = tmp_path / "state.db.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        os.symlink("/dev/null", lock)
+    agent, url = prepared_and_approved(live, tmp_path, processes)
+    assert metric(url, "scheduled_events_agent_state_degraded", "") == 0
+    assert any(line["event"] == "agent.lock_fallback" for line in agent.logs())
+    assert agent.stop() == 0
 
 
 def test_status_reads_a_state_file_whose_path_holds_uri_characters(tmp_path: Path) -> None:
