@@ -15,8 +15,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 HealthCheck = Callable[[], "tuple[bool, str]"]
 
 
+# At most this many connections are served at once; more are closed as soon as they are taken.
+MAX_CONNECTIONS = 32
+# A connection that sends nothing for this long is dropped: idle clients cannot pile up.
+IDLE_SECONDS = 5.0
+
+
 class MetricsServer(ThreadingHTTPServer):
+    """Bounded: a flood of idle or slow clients on this port costs at most ``MAX_CONNECTIONS``
+    threads and descriptors, each for at most ``IDLE_SECONDS`` of silence, never the agent's
+    ability to open its hooks, its state file or its sockets."""
+
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, listen: str, registry: CollectorRegistry, health: HealthCheck) -> None:
         host, _, port = listen.rpartition(":")
@@ -24,6 +35,23 @@ class MetricsServer(ThreadingHTTPServer):
         self.registry = registry
         self.health = health
         self._thread: threading.Thread | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: this one is closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -47,6 +75,7 @@ class MetricsServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     wbufsize = -1  # headers and body in one write: no Nagle delay for the scraper
+    timeout = IDLE_SECONDS
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: scrapes every few seconds would drown the agent's own log."""

@@ -348,6 +348,31 @@ def test_a_malformed_instance_metadata_answer_at_start_up_is_survived(
         imds.close()
 
 
+def test_a_flood_of_idle_clients_on_the_metrics_port_never_starves_the_agent(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes.append(
+        agent := AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    )
+    wait_until(lambda: healthz(url) == 200, timeout=30)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(400):  # each connects and says nothing
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        event = live.add_event(type="Reboot")
+        wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=60)
+        assert f"end prepare Reboot {event['EventId']}" in calls(tmp_path)
+        threads = len(os.listdir(f"/proc/{agent.process.pid}/task"))
+        assert threads < 100, f"{threads} threads: one per idle client"
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_until(lambda: healthz(url) == 200, timeout=30)
+    assert agent.stop() == 0
+
+
 class Redirecting:
     """Answers every request with a 307 to ``target``, and counts them."""
 
