@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock
+from agent.errors import AgentError
 from agent.events import ScheduledEvent
 
 EX_TEMPFAIL = 75
@@ -157,6 +159,20 @@ def is_skipped_name(name: str) -> bool:
     return name.startswith(".") or name.endswith("~") or ".dpkg-" in name or ".rpm" in name
 
 
+# The system is short of something for now (descriptors, memory): no verdict on a hook.
+_TRANSIENT = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR)
+
+
+class HooksUnavailable(AgentError):
+    """The hooks cannot be looked at now (the process ran out of descriptors, say): not a
+    refusal, which would fail the phase for good, but an error the event's work retries."""
+
+
+def _transient(error: OSError, what: Path) -> None:
+    if error.errno in _TRANSIENT:
+        raise HooksUnavailable(f"{what} cannot be read now: {error.strerror}") from None
+
+
 def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
     """The hooks of ``directory`` in run order; an existing, empty directory holds none.
 
@@ -168,6 +184,7 @@ def discover(directory: Path, *, check_ownership: bool) -> list[Hook]:
     try:
         names = sorted(os.listdir(directory))
     except OSError as error:
+        _transient(error, directory)
         if isinstance(error, FileNotFoundError):
             why = "does not exist (create it, or correct the path in hooks.*_dir)"
         elif isinstance(error, NotADirectoryError):
@@ -219,6 +236,7 @@ def open_hook(path: Path, *, check_ownership: bool) -> tuple[int, None] | tuple[
     try:
         fd = os.open(target, flags)
     except OSError as error:
+        _transient(error, path)
         return None, f"hook {path} cannot be read: {error.strerror} (remove or fix it)"
     problem = _file_problem(fd, path, target, expected, check_ownership=check_ownership)
     if problem is not None:

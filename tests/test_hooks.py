@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from agent.hooks import (
     Hook,
     HookContext,
     HookRunner,
+    HooksUnavailable,
     deadline_for,
     discover,
     hook_environment,
@@ -702,3 +704,23 @@ def test_dot_dot_after_a_link_is_checked_where_the_kernel_goes(tmp_path: Path) -
     (trusted / "link").symlink_to(foreign / "sub")
     (hook,) = discover(trusted / "link" / ".." / "prepare.d", check_ownership=True)
     assert hook.refusal is not None and "owned by uid" in hook.refusal
+
+
+def test_running_out_of_descriptors_is_no_refused_hook_but_an_error_to_retry(
+    tmp_path: Path,
+) -> None:
+    # A refused hook fails its phase for good; a full descriptor table passes (the worker
+    # retries): a real EMFILE, with the soft limit lowered to the descriptors open now.
+    (tmp_path / "10-ok").write_text("#!/bin/sh\n")
+    (tmp_path / "10-ok").chmod(0o755)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The limit bounds descriptor numbers: at the lowest free one, any new open fails.
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        with pytest.raises(HooksUnavailable):
+            discover(tmp_path, check_ownership=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [hook.refusal for hook in discover(tmp_path, check_ownership=False)] == [None]
