@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -145,6 +146,14 @@ class ArmClient:
 
     def operation_status(self, url: str) -> str:
         """``InProgress``, ``Succeeded``, ``Failed`` or ``Canceled``."""
+        # The URL comes from ARM's answer; the VM's token goes only to ARM's own address.
+        here, there = urlsplit(self._base_url), urlsplit(url)
+        if (there.scheme, there.netloc) != (here.scheme, here.netloc):
+            raise ArmError(
+                f"arm: the operation to follow is at {there.scheme}://{there.netloc}, not at "
+                f"{self._base_url}: not followed (the VM's token goes only to ARM)",
+                cause="bad_answer",
+            )
         body = self._json(self._send("GET", url, versioned=False), url)
         status = body.get("status") if isinstance(body, dict) else None
         if not isinstance(status, str):

@@ -44,6 +44,11 @@ def is_self_service(key: str) -> bool:
     return key.startswith(PREFIX)
 
 
+# A performMaintenance that ARM still says is InProgress after this long is given up on (it
+# redeploys the VM: minutes, not hours), so the watcher never follows it for ever.
+OPERATION_BUDGET_SECONDS = 3600.0
+
+
 class SelfService:
     def __init__(
         self,
@@ -190,10 +195,17 @@ class SelfService:
     def _perform(self) -> str:
         try:
             operation = self._arm.perform_maintenance(self._instance.resource_id)
+            deadline = self._clock.monotonic() + OPERATION_BUDGET_SECONDS
             while operation is not None and not self._stop.is_set():
                 state = self._arm.operation_status(operation)
                 if state in FINAL:
                     return state
+                if self._clock.monotonic() >= deadline:
+                    raise ArmError(
+                        f"arm: the operation {operation} did not end within "
+                        f"{OPERATION_BUDGET_SECONDS:g} s",
+                        cause="operation_timeout",
+                    )
                 self._clock.wait(1.0)
         except ArmError as error:
             self._log.error("maintenance.perform_failed", cause=error.cause, reason=str(error))

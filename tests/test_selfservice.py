@@ -18,6 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from agent import selfservice
 from agent.arm import PERMISSION, ArmClient, ArmError, MaintenanceStatus, parse_arm_time
 from agent.clock import SystemClock
 from agent.config import FleetConfig, parse
@@ -34,6 +35,7 @@ from tests.agent_harness import calls, config_for
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.fakes import FakeClock
 from tests.fleet_harness import FleetLockServer
+from tests.standin import StandIn
 
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
@@ -662,3 +664,30 @@ def test_the_system_clock_waits_out_any_length_without_overflowing() -> None:
     stop.set()
     waiter.join(timeout=10)
     assert outcome == [True]
+
+
+def test_an_operation_elsewhere_than_arm_is_never_followed_with_the_token(
+    arm_client: tuple[ArmClient, str],
+) -> None:
+    client, _ = arm_client
+    elsewhere = StandIn()
+    try:
+        with pytest.raises(ArmError) as raised:
+            client.operation_status(f"{elsewhere.url}/operations/1")
+        assert raised.value.cause == "bad_answer" and "not followed" in str(raised.value)
+        assert elsewhere.gets == 0
+    finally:
+        elsewhere.close()
+
+
+def test_an_operation_that_never_ends_is_given_up_on(
+    live: Emulator, tmp_path: Path, agents: list[Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(selfservice, "OPERATION_BUDGET_SECONDS", 2.0, raising=False)
+    live.control("POST", "arm", {"status": windows(), "operation_polls": 1_000_000})
+    agents.append(agent := Agent(tmp_path, live.url))
+    wait_until(lambda: performed(live) == 1, timeout=30)
+    wait_until(
+        lambda: (r := self_service_record(agent)) is not None and r.state == "done", timeout=30
+    )
+    assert "did not end within 2 s" in self_service_record(agent).decision
