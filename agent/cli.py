@@ -385,9 +385,11 @@ def _fleet_holders(config: config_module.Config) -> dict[str, object]:
         )
         try:
             slots = backend.describe()
+            queue = backend.queue()
         finally:
             backend.close()
         view["holders"] = None if slots is None else [asdict(slot) for slot in slots]
+        view["queue"] = None if queue is None else [asdict(waiter) for waiter in queue]
         if slots is None:
             view["holders_error"] = "a FleetLock server does not say who holds its slots"
     except (FleetError, AgentError) as error:

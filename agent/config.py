@@ -121,6 +121,10 @@ class FleetConfig:
     slots: int = 1
     lease_seconds: int = 60
     retry_seconds: float = 5.0
+    # How long a VM down for the maintenance it was approved for keeps its slot after its
+    # last sign of life (a Redeploy takes up to 15 minutes, after up to 15 of waiting).
+    max_down_seconds: int = 1800
+    settle_seconds: float = 0.0  # the slot kept this long after the recover hooks
     id: str | None = None  # this agent in the group; None: the VM's name
     sas_token: str | None = None
     account_key: str | None = None
@@ -371,6 +375,8 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
             # Azure's limits for a lease that expires: 15 to 60 seconds.
             "lease_seconds": _integer(15, 60),
             "retry_seconds": _positive(300),
+            "max_down_seconds": _integer(0, 7 * 24 * 3600),
+            "settle_seconds": _non_negative(3600),
             "id": _optional_text,
             "sas_token": _optional_text,
             "account_key": _account_key,

@@ -199,7 +199,6 @@ class Daemon:
         self._degraded_reported = False
         self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
         self._fleet = parts.fleet
-        self._once = False
         self._retry_lock = threading.Lock()
         self._work_failures: dict[str, int] = {}  # key -> unexpected failures in a row
         self._work_retry_at: dict[str, float] = {}  # key -> when to take it up again
@@ -224,7 +223,10 @@ class Daemon:
         interval = self._config.imds.poll_interval_seconds
         watcher = None
         if self._fleet is not None:
-            # In a thread of its own: a slow coordinator never delays the first poll.
+            # In a thread of its own: a slow coordinator never delays the first poll, and no
+            # worker ever waits on it (the gate wakes a worker when its answer changes).
+            self._fleet.use_own_thread()
+            self._fleet.on_change = self._wake_all
             threading.Thread(
                 target=self._fleet_loop,
                 args=(self._fleet, self._fleet_needed()),
@@ -284,7 +286,7 @@ class Daemon:
 
         while not self._stop.is_set():
             self._survive("fleet", step, None)
-            self._clock.wait(FLEET_TICK_SECONDS)
+            fleet.wait(FLEET_TICK_SECONDS)
 
     def _survive(self, thread: str, action: Callable[[], _T], fallback: _T) -> _T:
         """``action()``; on an unexpected error, logged with its traceback and counted,
@@ -351,7 +353,6 @@ class Daemon:
         from the document is polled for until its grace is over, so that it is recovered now.
 
         1 when the poll failed or an approval could not be sent."""
-        self._once = True  # no waiting for a fleet slot: the next run tries again
         self._report_moved_aside()
         self._stop_orphans()
         if self._fleet is not None:
@@ -782,6 +783,10 @@ class Daemon:
             with self._intake:
                 self._take_in(event, latest.incarnation if latest is not None else 0)
 
+    def _wake_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self._workers.wake(key)
+
     def _wake_others(self, key: str) -> None:
         for other in self._store.known_unfinished():
             if other != key:
@@ -800,12 +805,12 @@ class Daemon:
         event = self._current(record)
         if self._fleet is not None:
             had_slot = self._fleet.holds(key)
-            if not self._fleet.hold(key, event.event_id):
-                if self._once:
-                    return False  # left approving: the next run asks for a slot again
-                # No slot (or no answer from the coordinator): no early approval now; ask again.
-                self._clock.wait(min(self._fleet.retry_seconds, max(step.budget_seconds, 0.1)))
-                return True
+            if not self._fleet.hold(
+                key, event.event_id, event_type=event.event_type, not_before=event.not_before
+            ):
+                # No slot yet (or no answer from the coordinator): no early approval now. The
+                # gate wakes this worker after each try; ``run --once`` tries again next run.
+                return False
             if not had_slot:
                 return True  # the slot took a while to get: decide again before the POST
         approval_id = self._store.approval_started(key, "agent", self._clock.now())

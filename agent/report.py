@@ -137,11 +137,26 @@ def _fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
         if fleet.get("problem"):
             lines.append(f"  coordinator failing: {fleet['problem']}")
     for slot in fleet.get("holders") or []:
+        if not slot["held"]:
+            lines.append(f"  {slot['name']}: free")
+            continue
+        down = (
+            f", down for its maintenance until {slot['down_until']}"
+            if slot.get("down_until")
+            else ""
+        )
         lines.append(
             f"  {slot['name']}: held by {slot['holder'] or '?'} for {slot['event_id'] or '?'} "
-            f"since {slot['since'] or '?'}"
-            if slot["held"]
-            else f"  {slot['name']}: free"
+            f"since {slot['since'] or '?'}{down}"
+        )
+    queue = fleet.get("queue") or []
+    if queue:
+        lines.append("  in line for a slot (earliest NotBefore first):")
+    for place, waiter in enumerate(queue, start=1):
+        gone = "" if waiter["fresh"] else " (no heartbeat: not counted)"
+        lines.append(
+            f"    {place}. {waiter['holder']}: NotBefore {waiter['not_before'] or 'none'}, "
+            f"waiting since {waiter['waiting_since']}{gone}"
         )
     if fleet.get("holders_error"):
         lines.append(f"  holders: unknown ({fleet['holders_error']})")

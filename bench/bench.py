@@ -10,6 +10,7 @@ scripts that record timestamps, and writes bench/results.json and a table. Measu
    requests+json loop measured in the same run
 5. growth: CPU per poll for documents of 1, 10, 100 and 1,000 events, changing and unchanged
 6. start-up: process start -> the first poll sent
+7. fleet: 16 agents of one group share 2 slots in Azurite (bench/fleet.py)
 
 ``--quick`` runs fewer repetitions (for a smoke test); the figures it gives mean less.
 """
@@ -60,6 +61,10 @@ TARGETS = {
     "idle_rss_growth_mb": ("<=", 1.0),
     "growth_1000_changed_ms": ("<", 50.0),
     "startup_p99_seconds": ("<=", 1.0),
+    "fleet_most_held_at_once": ("<=", 2),
+    "fleet_missed_early_approvals": ("<=", 0),
+    "fleet_order_inversions": ("<=", 0),
+    "fleet_requests_per_agent_minute_idle": ("<=", 0),
 }
 STAMP_HOOK = """#!/bin/sh
 echo "start $SCHEDULED_EVENT_ID $(date +%s.%N)" >> {log}
@@ -396,6 +401,13 @@ def measure_startup(repetitions: int) -> dict[str, Any]:
     }
 
 
+def measure_fleet_run(quick: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))  # bench.fleet and the Azurite harness of the tests
+    from bench.fleet import measure_fleet  # noqa: PLC0415 (needs ROOT on the path first)
+
+    return measure_fleet(6 if quick else 16, 3.0, 10 if quick else 30)
+
+
 def verdicts(figures: dict[str, Any]) -> dict[str, bool]:
     met = {}
     for name, (operator, target) in TARGETS.items():
@@ -442,6 +454,7 @@ def main() -> int:
         ("idle", lambda: measure_idle(1000 if quick else 10_000)),
         ("growth", lambda: measure_growth((1, 10, 100, 1000), 5 if quick else 20)),
         ("startup", lambda: measure_startup(3 if quick else 10)),
+        ("fleet", lambda: measure_fleet_run(quick)),
     ):
         print(f"bench: measuring {name} ...", flush=True)
         sections[name] = run()

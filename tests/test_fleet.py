@@ -24,13 +24,22 @@ from prometheus_client import CollectorRegistry
 from agent.clock import SystemClock
 from agent.config import FleetConfig, parse
 from agent.errors import ConfigError
-from agent.fleet import STORAGE_VERSION, BlobSlots, FleetError, FleetGate, FleetLockSlots
+from agent.fleet import (
+    STORAGE_VERSION,
+    Attempt,
+    BlobSlots,
+    FleetError,
+    FleetGate,
+    FleetLockSlots,
+    Holding,
+)
 from agent.imds import ImdsClient, TokenCache
 from agent.metrics import Metrics
 from agent.state import Store
 from tests.agent_harness import RunningAgent, calls, start_agent
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.fleet_harness import ACCOUNT, ACCOUNT_KEY, Azurite, FleetLockServer, fleet_section
+from tests.standin import SlowServer
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +66,10 @@ def slots(url: str, holder: str, count: int = 2, **options: Any) -> BlobSlots:
 
 def test_n_slots_go_to_n_holders_and_a_release_frees_one(container: str) -> None:
     vm_0, vm_1, vm_2 = (slots(container, name) for name in ("vm_0", "vm_1", "vm_2"))
-    first = vm_0.acquire("E0", "2026-11-26T12:00:00+00:00")
-    second = vm_1.acquire("E1", "2026-11-26T12:00:01+00:00")
+    first = vm_0.acquire(Holding(("E0",), "2026-11-26T12:00:00+00:00"))
+    second = vm_1.acquire(Holding(("E1",), "2026-11-26T12:00:01+00:00"))
     assert {first.slot, second.slot} == {"web/slot-0", "web/slot-1"}
-    third = vm_2.acquire("E2", "2026-11-26T12:00:02+00:00")
+    third = vm_2.acquire(Holding(("E2",), "2026-11-26T12:00:02+00:00"))
     assert third.slot is None and "all 2 slot(s) of group web are held" in third.detail
     shown = {view.name: view for view in vm_2.describe()}
     assert first.slot is not None
@@ -69,16 +78,16 @@ def test_n_slots_go_to_n_holders_and_a_release_frees_one(container: str) -> None
     assert shown[first.slot].since == "2026-11-26T12:00:00+00:00"
 
     vm_0.release(first.slot)
-    assert vm_2.acquire("E2", "now").slot == first.slot
-    assert vm_1.renew(str(second.slot))
-    assert not vm_0.renew(first.slot)  # someone else's now
+    assert vm_2.acquire(Holding(("E2",), "now")).slot == first.slot
+    assert vm_1.renew(str(second.slot), Holding((), "now"))
+    assert not vm_0.renew(first.slot, Holding((), "now"))  # someone else's now
     for backend in (vm_0, vm_1, vm_2):
         backend.close()
 
 
 def test_the_same_agent_after_a_restart_can_give_back_what_it_held(container: str) -> None:
     before = slots(container, "vm_0", count=1)
-    assert before.acquire("E0", "now").slot == "web/slot-0"
+    assert before.acquire(Holding(("E0",), "now")).slot == "web/slot-0"
     before.close()
     after = slots(container, "vm_0", count=1)  # a new process: the lease id is derived again
     after.release(None)
@@ -86,11 +95,109 @@ def test_the_same_agent_after_a_restart_can_give_back_what_it_held(container: st
     after.close()
 
 
+def lapse(backend: BlobSlots, slot: str) -> None:
+    """End the lease at once, as its running out would while the holder's VM is down."""
+    broken = backend.send(
+        "PUT",
+        slot,
+        {"comp": "lease"},
+        {"x-ms-lease-action": "break", "x-ms-lease-break-period": "0", "Content-Length": "0"},
+    )
+    assert broken.status_code == 202, broken.text
+
+
+def test_a_slot_marked_down_stays_its_holders_after_the_lease_lapses(container: str) -> None:
+    holder, other = slots(container, "vm_0", count=1), slots(container, "vm_1", count=1)
+    assert holder.acquire(Holding(("E0",), "now", down_seconds=600)).slot == "web/slot-0"
+    lapse(other, "web/slot-0")
+    refused = other.acquire(Holding(("E1",), "now"))
+    assert refused.slot is None
+    assert "vm_0 held it through its maintenance (E0) until" in refused.detail
+    (view,) = other.describe()
+    assert view.held and view.holder == "vm_0" and view.down_until is not None
+    # Back after its reboot, the holder takes its own slot again; then gives it back for good.
+    back = slots(container, "vm_0", count=1)
+    assert back.acquire(Holding(("E0",), "now", down_seconds=600)).slot == "web/slot-0"
+    lapse(other, "web/slot-0")
+    back.release(None)
+    assert other.acquire(Holding(("E1",), "now")).slot == "web/slot-0"
+    for backend in (holder, other, back):
+        backend.close()
+
+
+def test_a_slot_not_marked_down_is_free_once_the_lease_lapses(container: str) -> None:
+    holder, other = slots(container, "vm_0", count=1), slots(container, "vm_1", count=1)
+    assert holder.acquire(Holding(("E0",), "now", down_seconds=0)).slot == "web/slot-0"
+    lapse(other, "web/slot-0")
+    taken = other.acquire(Holding(("E1",), "now"))
+    assert taken.slot == "web/slot-0" and taken.took_over is None
+    holder.close()
+    other.close()
+
+
+def test_a_marker_whose_time_ran_out_is_taken_over_and_said(container: str) -> None:
+    holder, other = slots(container, "vm_0", count=1), slots(container, "vm_1", count=1)
+    assert holder.acquire(Holding(("E0",), "now", down_seconds=1)).slot == "web/slot-0"
+    lapse(other, "web/slot-0")
+    taken: list[Attempt] = []
+
+    def took() -> bool:
+        attempt = other.acquire(Holding(("E1",), "now"))
+        taken.append(attempt)
+        return attempt.slot is not None
+
+    # Storage's clock counts, to the second: within a few seconds the marker has run out.
+    wait_until(took, timeout=10, interval=0.5)
+    assert taken[-1].took_over is not None and "vm_0" in taken[-1].took_over
+    holder.close()
+    other.close()
+
+
+def test_a_freed_slot_goes_to_the_waiter_with_the_earliest_not_before(container: str) -> None:
+    holder = slots(container, "vm_0", count=1)
+    late, soon = slots(container, "vm_late", count=1), slots(container, "vm_soon", count=1)
+    assert holder.acquire(Holding(("E0",), "now")).slot == "web/slot-0"
+    # vm_late asks first, but its event is due in 14 minutes, vm_soon's in 2.
+    assert late.acquire(Holding(("L",), "now"), not_before="2030-01-01T00:14:00Z").slot is None
+    assert soon.acquire(Holding(("S",), "now"), not_before="2030-01-01T00:02:00Z").slot is None
+    assert [waiter.holder for waiter in holder.queue()] == ["vm_soon", "vm_late"]
+    holder.release("web/slot-0")
+    refused = late.acquire(Holding(("L",), "now"), not_before="2030-01-01T00:14:00Z")
+    assert refused.slot is None and "vm_soon" in refused.detail
+    assert soon.acquire(Holding(("S",), "now"), not_before="2030-01-01T00:02:00Z").slot
+    soon.leave_queue()
+    assert [waiter.holder for waiter in holder.queue()] == ["vm_late"]
+    for backend in (holder, late, soon):
+        backend.close()
+
+
+def test_a_waiter_that_vanished_stops_counting_once_its_heartbeat_is_stale(
+    container: str,
+) -> None:
+    gone, waiting = slots(container, "vm_gone", count=1), slots(container, "vm_wait", count=1)
+    holder = slots(container, "vm_0", count=1)
+    assert holder.acquire(Holding(("E0",), "now")).slot == "web/slot-0"
+    assert gone.acquire(Holding(("G",), "now"), not_before="2030-01-01T00:01:00Z").slot is None
+    gone.close()  # and never heard of again
+    holder.release("web/slot-0")
+    assert waiting.acquire(Holding(("W",), "now"), not_before="2030-01-01T00:09:00Z").slot is None
+
+    def taken() -> bool:
+        attempt = waiting.acquire(Holding(("W",), "now"), not_before="2030-01-01T00:09:00Z")
+        return attempt.slot is not None
+
+    # Stale after 15 s without a heartbeat (storage's clock): then vm_wait goes first.
+    wait_until(taken, timeout=40, interval=1)
+    assert [w.fresh for w in holder.queue() if w.holder == "vm_gone"] == [False]
+    for backend in (holder, waiting):
+        backend.close()
+
+
 def test_a_wrong_key_is_refused_with_the_role_to_grant(container: str) -> None:
     wrong = base64.b64encode(b"not the key").decode()
     backend = slots(container, "vm_0", account_key=wrong)
     with pytest.raises(FleetError) as raised:
-        backend.acquire("E0", "now")
+        backend.acquire(Holding(("E0",), "now"))
     assert raised.value.reason == "auth"
     assert "Storage Blob Data Contributor" in str(raised.value)
     backend.close()
@@ -99,7 +206,7 @@ def test_a_wrong_key_is_refused_with_the_role_to_grant(container: str) -> None:
 def test_a_missing_container_says_create_it(azurite: Azurite) -> None:
     backend = slots(azurite.container_url("nosuchcontainer"), "vm_0")
     with pytest.raises(FleetError) as raised:
-        backend.acquire("E0", "now")
+        backend.acquire(Holding(("E0",), "now"))
     assert raised.value.reason == "refused"
     assert "create the container" in str(raised.value)
     backend.close()
@@ -126,13 +233,13 @@ def account_sas(permissions: str) -> str:
 
 
 def test_a_sas_token_works_and_one_without_write_is_refused(container: str) -> None:
-    backend = slots(container, "vm_0", account_key=None, sas_token="?" + account_sas("racwl"))
-    assert backend.acquire("E0", "now").slot is not None
+    backend = slots(container, "vm_0", account_key=None, sas_token="?" + account_sas("racwdl"))
+    assert backend.acquire(Holding(("E0",), "now")).slot is not None
     assert backend.describe()[0].holder in ("vm_0", None)
     backend.close()
     read_only = slots(container, "vm_1", account_key=None, sas_token=account_sas("rl"))
     with pytest.raises(FleetError) as raised:
-        read_only.acquire("E1", "now")
+        read_only.acquire(Holding(("E1",), "now"))
     assert raised.value.reason == "auth"
     read_only.close()
 
@@ -145,11 +252,24 @@ class RecordingStorage(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_PUT(self) -> None:
+    def answer(self, status: int, body: bytes = b"") -> None:
         RecordingStorage.seen.append(dict(self.headers))
-        self.send_response(201)
-        self.send_header("Content-Length", "0")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        self.answer(200 if "comp=metadata" in self.path else 201)
+
+    def do_DELETE(self) -> None:
+        self.answer(202)
+
+    def do_HEAD(self) -> None:
+        self.answer(200)
+
+    def do_GET(self) -> None:  # an empty listing: no slot held, nobody in line
+        self.answer(200, b"<EnumerationResults><Blobs/></EnumerationResults>")
 
 
 def test_without_a_key_or_sas_the_managed_identity_token_is_sent(emulator: Emulator) -> None:
@@ -160,15 +280,15 @@ def test_without_a_key_or_sas_the_managed_identity_token_is_sent(emulator: Emula
     url = f"http://127.0.0.1:{server.server_address[1]}/{ACCOUNT}/fleet"
     backend = slots(url, "vm_0", account_key=None, token=cache)
     try:
-        assert backend.acquire("E0", "now").slot is not None
+        assert backend.acquire(Holding(("E0",), "now")).slot is not None
         token = cache.get()  # the one fetched from IMDS for the request, kept
     finally:
         backend.close()
         server.shutdown()
         server.server_close()
         imds.close()
-    lease = RecordingStorage.seen[0]
-    assert lease["Authorization"] == f"Bearer {token}"
+    assert all(seen["Authorization"] == f"Bearer {token}" for seen in RecordingStorage.seen)
+    lease = next(seen for seen in RecordingStorage.seen if "x-ms-lease-action" in seen)
     assert lease["x-ms-version"] >= "2017-11-09"  # the first version that takes OAuth
     assert lease["x-ms-lease-action"] == "acquire"
 
@@ -219,10 +339,10 @@ def test_one_slot_serves_all_events_of_a_vm_and_is_freed_after_the_last(
     assert mine.value("scheduled_events_agent_fleet_slot_held") == 1
     assert mine.value("scheduled_events_agent_fleet_slot_wait_seconds_count") == 2
     mine.gate.release("e1")
-    assert other.acquire("X", "now").slot is None  # e2 still holds it
+    assert other.acquire(Holding(("X",), "now")).slot is None  # e2 still holds it
     mine.gate.release("e2")
     assert mine.value("scheduled_events_agent_fleet_slot_held") == 0
-    assert other.acquire("X", "now").slot == "web/slot-0"
+    assert other.acquire(Holding(("X",), "now")).slot == "web/slot-0"
     recorded = json.loads(mine.store.meta()["fleet"])
     assert recorded["slot"] is None and recorded["events"] == []
     other.close()
@@ -233,7 +353,8 @@ def test_a_lost_lease_is_noticed_at_renewal_and_counted(
 ) -> None:
     mine = Gate(slots(container, "vm_0", count=1), tmp_path / "a", lease_seconds=15)
     gates.append(mine)
-    assert mine.gate.hold("e1", "E1")
+    # A Terminate: no marker holds the slot through it, so another agent can take it at once.
+    assert mine.gate.hold("e1", "E1", event_type="Terminate")
     thief = slots(container, "vm_1", count=1)
     # Break our lease, as an operator clearing a stuck slot would, and take the slot.
     broken = thief.send(
@@ -243,7 +364,7 @@ def test_a_lost_lease_is_noticed_at_renewal_and_counted(
         {"x-ms-lease-action": "break", "x-ms-lease-break-period": "0", "Content-Length": "0"},
     )
     assert broken.status_code == 202, broken.text
-    assert thief.acquire("X", "now").slot == "web/slot-0"
+    assert thief.acquire(Holding(("X",), "now")).slot == "web/slot-0"
     mine.gate._renewed_at -= 15  # the renewal is due now (the clock is real: no 5 s sleep)
     mine.gate.tick()
     assert not mine.gate.held()
@@ -261,6 +382,8 @@ def test_an_unreachable_store_means_no_slot_logged_once_and_counted(
     gates.append(mine)
     with structlog.testing.capture_logs() as logged:
         assert not mine.gate.hold("e1", "E1")
+        assert not mine.gate.hold("e1", "E1")  # asked again within retry_seconds: not tried
+        mine.gate._next_try = 0  # the retry is due now (the clock is real: no 5 s sleep)
         assert not mine.gate.hold("e1", "E1")
     assert [entry["event"] for entry in logged].count("fleet.unavailable") == 1
     assert (
@@ -271,6 +394,35 @@ def test_an_unreachable_store_means_no_slot_logged_once_and_counted(
     )
     mine.gate.stop_waiting("e1", missed=True)
     assert mine.value("scheduled_events_agent_fleet_slot_missed_total") == 1
+
+
+def test_a_worker_never_waits_on_the_coordinator(tmp_path: Path, gates: list[Gate]) -> None:
+    server = SlowServer()
+    server.mode = "silent"  # takes the request and never answers
+    stop = threading.Event()
+    backend = FleetLockSlots(server.url, "web", holder="vm_0", timeout_seconds=3600, stop=stop)
+    mine = Gate(backend, tmp_path / "a")
+    gates.append(mine)
+    mine.gate.use_own_thread()
+    try:
+        assert mine.gate.hold("e1", "E1") is False  # says what it wants, and returns
+        ticking = threading.Thread(target=mine.gate.tick, daemon=True)
+        ticking.start()
+        wait_until(lambda: server.requests >= 1)
+        # The gate's thread is inside the coordinator's call; a worker still gets its answers.
+        answers: list[tuple[bool, bool, object]] = []
+        asking = threading.Thread(
+            target=lambda: answers.append(
+                (mine.gate.hold("e2", "E2"), mine.gate.waiting("e1"), mine.gate.describe()["slot"])
+            )
+        )
+        asking.start()
+        asking.join(timeout=10)
+        assert answers == [(False, True, None)]
+        assert ticking.is_alive(), "the coordinator answered: the test proves nothing"
+    finally:
+        stop.set()
+        server.close()
 
 
 # The agent with FleetLock -------------------------------------------------------------------
@@ -393,7 +545,7 @@ def test_the_fleetlock_backend_reads_the_protocols_errors() -> None:
     server = FleetLockServer(slots=0).start()
     backend = FleetLockSlots(server.url, "web", holder="vm_0")
     try:
-        refused = backend.acquire("E0", "now")
+        refused = backend.acquire(Holding(("E0",), "now"))
         assert refused.slot is None and "failed_lock" in refused.detail
         backend.release(None)  # unlocking what is not held is fine: the protocol is recursive
     finally:
@@ -433,8 +585,16 @@ def test_fleet_keys_that_do_not_go_together_are_refused() -> None:
 
 
 def test_status_shows_the_group_its_slots_and_their_holders(container: str, tmp_path: Path) -> None:
-    holder = slots(container, "vm_7", count=2)
-    taken = holder.acquire("EVENT-7", "2026-11-26T12:00:00+00:00").slot
+    holder, other = slots(container, "vm_7", count=2), slots(container, "vm_8", count=2)
+    taken = holder.acquire(
+        Holding(("EVENT-7",), "2026-11-26T12:00:00+00:00", down_seconds=600)
+    ).slot
+    assert other.acquire(Holding(("EVENT-8",), "now")).slot is not None
+    waiting = slots(container, "vm_9", count=2)
+    assert (
+        waiting.acquire(Holding(("EVENT-9",), "now"), not_before="2030-01-01T00:05:00Z").slot
+        is None
+    )
     config = tmp_path / "config.yaml"
     config.write_text(
         json.dumps(
@@ -453,7 +613,21 @@ def test_status_shows_the_group_its_slots_and_their_holders(container: str, tmp_
         check=True,
     ).stdout
     assert "fleet: group web (blob, 2 slot(s))" in shown
-    assert f"{taken}: held by vm_7 for EVENT-7 since 2026-11-26T12:00:00+00:00" in shown
+    held_through = (
+        f"{taken}: held by vm_7 for EVENT-7 since 2026-11-26T12:00:00+00:00, down for its "
+        "maintenance until "
+    )
+    assert held_through in shown
+    assert "in line for a slot (earliest NotBefore first):" in shown
+    assert "1. vm_9: NotBefore 2030-01-01T00:05:00Z, waiting since " in shown
+    other.release(None)
     free = ({"web/slot-0", "web/slot-1"} - {taken}).pop()
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{free}: free" in shown
-    holder.close()
+    for backend in (holder, other, waiting):
+        backend.close()

@@ -30,7 +30,7 @@ from agent.arm import ArmClient, ArmError
 from agent.clock import SystemClock
 from agent.errors import AgentError, ImdsError
 from agent.events import parse_document
-from agent.fleet import BlobSlots, FleetError, FleetLockSlots
+from agent.fleet import BlobSlots, FleetError, FleetLockSlots, Holding
 from agent.hooks import HookResult
 from agent.imds import ImdsClient, RetryPolicy, Timeouts
 from agent.state import Store
@@ -237,12 +237,12 @@ def blob_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], o
         timeout_seconds=timeout,
         stop=stop,
     )
-    return lambda: slots.acquire("e", "now")
+    return lambda: slots.acquire(Holding(("e",), "now"))
 
 
 def fleetlock_call(url: str, stop: threading.Event, timeout: float) -> Callable[[], object]:
     slots = FleetLockSlots(url, "web", holder="web_4", timeout_seconds=timeout, stop=stop)
-    return lambda: slots.acquire("e", "now")
+    return lambda: slots.acquire(Holding(("e",), "now"))
 
 
 CLIENTS = {"arm": arm_call, "token": token_call, "blob": blob_call, "fleetlock": fleetlock_call}

@@ -20,7 +20,7 @@ Invariants:
 - A slot whose lease could not be renewed in time is not used for new approvals.
 """
 
-from agent.fleet.backend import Attempt, Backend, FleetError, SlotView
+from agent.fleet.backend import Attempt, Backend, FleetError, Holding, SlotView
 from agent.fleet.blob import (
     KEY_ENVIRONMENT,
     ROLE,
@@ -47,6 +47,7 @@ __all__ = [
     "FleetError",
     "FleetGate",
     "FleetLockSlots",
+    "Holding",
     "SlotView",
     "build_backend",
     "gate_for",

@@ -48,6 +48,7 @@ def build_backend(
         sas_token=sas,
         account_key=key,
         token=token,
+        heartbeat_seconds=config.retry_seconds,
         stop=stop,
     )
 

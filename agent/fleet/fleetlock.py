@@ -7,7 +7,7 @@ import threading
 
 import requests
 
-from agent.fleet.backend import Attempt, FleetError, SlotView
+from agent.fleet.backend import Attempt, FleetError, Holding, SlotView, WaiterView
 from agent.http import DeadlineSession, json_value
 
 
@@ -37,14 +37,17 @@ class FleetLockSlots:
     def close(self) -> None:
         self._session.close()
 
-    def acquire(self, event_id: str, since: str) -> Attempt:
+    def acquire(self, holding: Holding, *, not_before: str | None = None) -> Attempt:
+        # The server decides who goes first: the protocol carries no deadline.
         status, refusal = self._post("pre-reboot")
         if status == 200:
             return Attempt(self._group)
         return Attempt(None, f"the FleetLock server said no: {refusal}")
 
-    def renew(self, slot: str) -> bool:
-        return True  # a FleetLock lock is held until it is given back
+    def renew(self, slot: str, holding: Holding) -> bool:
+        # A FleetLock lock is held until it is given back, through the reboot too: the server,
+        # not a marker, keeps it.
+        return True
 
     def release(self, slot: str | None) -> None:
         status, refusal = self._post("steady-state")
@@ -53,6 +56,12 @@ class FleetLockSlots:
                 f"fleet: the FleetLock server did not take the slot back: {refusal}",
                 reason="refused",
             )
+
+    def leave_queue(self) -> None:
+        return  # no line of our own: the server keeps it
+
+    def queue(self) -> list[WaiterView] | None:
+        return None  # the protocol has no way to ask who waits
 
     def describe(self) -> list[SlotView] | None:
         return None  # the protocol has no way to ask who holds what

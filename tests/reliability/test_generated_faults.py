@@ -22,7 +22,7 @@ from agent.arm import ArmClient
 from agent.clock import SystemClock
 from agent.errors import AgentError, DocumentError
 from agent.events import parse_document_bytes
-from agent.fleet import FleetLockSlots
+from agent.fleet import FleetLockSlots, Holding
 from agent.imds import ImdsClient, RetryPolicy
 from agent.state import Store
 from tests.agent_harness import calls
@@ -199,7 +199,7 @@ def test_every_hostile_value_in_every_field_of_the_other_answers(
         ).instance_view("/subscriptions/s/vm"),
         "ARM instance view": lambda: arm.instance_view("/subscriptions/s/vm"),
         "ARM operation": lambda: arm.operation_status(f"{stand_in.url}/operations/1"),
-        "FleetLock refusal": lambda: fleetlock.acquire("e", "now"),
+        "FleetLock refusal": lambda: fleetlock.acquire(Holding(("e",), "now")),
     }
     try:
         for case, body in ANSWERS[answer]():
