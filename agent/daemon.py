@@ -817,7 +817,10 @@ class Daemon:
 
         def still_wanted() -> bool:
             # Asked before every try of the POST: the decision, made again from the newest
-            # document, must still be "approve" (the POST in flight is not "sent before").
+            # document, must still be "approve" (the POST in flight is not "sent before"), and
+            # the fleet slot must still be ours (a lapsed or lost one is another VM's now).
+            if self._fleet is not None and not self._fleet.granted(key):
+                return False
             current = self._store.get(key)
             return current is not None and isinstance(
                 next_step(self._situation(current, pending=approval_id), self._policy), Approve

@@ -125,6 +125,24 @@ def test_a_slot_marked_down_stays_its_holders_after_the_lease_lapses(container: 
         backend.close()
 
 
+def test_giving_back_a_lapsed_slot_never_wipes_the_marker_of_its_next_holder(
+    container: str,
+) -> None:
+    # vm_0's lease lapsed (its renewals failed); vm_1 took the slot, approved and went down
+    # for its reboot; then vm_0 gives back what it thinks it still holds.
+    before, after = slots(container, "vm_0", count=1), slots(container, "vm_1", count=1)
+    assert before.acquire(Holding(("E0",), "now")).slot == "web/slot-0"
+    lapse(after, "web/slot-0")
+    assert after.acquire(Holding(("E1",), "now", down_seconds=600)).slot == "web/slot-0"
+    lapse(after, "web/slot-0")
+    before.release("web/slot-0")
+    third = slots(container, "vm_2", count=1)
+    refused = third.acquire(Holding(("E2",), "now"))
+    assert refused.slot is None and "vm_1 held it through its maintenance" in refused.detail
+    for backend in (before, after, third):
+        backend.close()
+
+
 def test_a_slot_not_marked_down_is_free_once_the_lease_lapses(container: str) -> None:
     holder, other = slots(container, "vm_0", count=1), slots(container, "vm_1", count=1)
     assert holder.acquire(Holding(("E0",), "now", down_seconds=0)).slot == "web/slot-0"
@@ -372,6 +390,18 @@ def test_a_lost_lease_is_noticed_at_renewal_and_counted(
         mine.value("scheduled_events_agent_fleet_errors_total", backend="blob", reason="lost") == 1
     )
     thief.close()
+
+
+def test_an_approval_is_no_longer_granted_once_the_slot_is_not_fresh(
+    container: str, tmp_path: Path, gates: list[Gate]
+) -> None:
+    # Asked before every try of an approval's POST: a slot whose renewals have failed for a
+    # lease may be another VM's by now.
+    mine = Gate(slots(container, "vm_0", count=1), tmp_path / "a", lease_seconds=15)
+    gates.append(mine)
+    assert mine.gate.hold("e1", "E1") and mine.gate.granted("e1")
+    mine.gate._renewed_at -= 15  # no renewal for a whole lease (the clock is real: no sleep)
+    assert not mine.gate.granted("e1")
 
 
 def test_an_unreachable_store_means_no_slot_logged_once_and_counted(

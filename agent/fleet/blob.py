@@ -155,7 +155,12 @@ class BlobSlots:
                 self._lease(name, "release")
                 held_down.append(marker.describe())
                 continue
-            self._write_holding(name, holding)
+            try:
+                self._write_holding(name, holding)
+            except FleetError:
+                # No marker, no slot: give the lease back at once rather than sit on it unused.
+                self._lease(name, "release")
+                raise
             self.leave_queue()
             expired = marker.describe() if marker and marker.holder != self._holder else None
             return Attempt(name, took_over=expired)
@@ -187,7 +192,10 @@ class BlobSlots:
                     continue
                 if taken.status_code not in (200, 201):
                     raise self._unexpected(taken, f"taking back the lease of {name}")
-                self._write_holding(name, None)
+                # Cleared only if it is still ours: another agent may have held the slot since
+                # our lease lapsed, and be down for its own maintenance now.
+                if self._holder_of(name) in (self._holder, None):
+                    self._write_holding(name, None)
             response = self._lease(name, "release")
             if response.status_code not in (200, 404, 409):
                 raise self._unexpected(response, f"releasing the lease of {name}")
@@ -360,6 +368,15 @@ class BlobSlots:
         return self.send("PUT", name, {"comp": "metadata"}, headers)
 
     def _marker(self, name: str) -> Marker | None:
+        metadata, response = self._properties(name)
+        return Marker.read(
+            metadata, response.headers.get("Last-Modified", ""), _server_time(response)
+        )
+
+    def _holder_of(self, name: str) -> str | None:
+        return self._properties(name)[0].get("holder") or None
+
+    def _properties(self, name: str) -> tuple[dict[str, str], requests.Response]:
         response = self.send("HEAD", name, {}, {})
         if response.status_code != 200:
             raise self._unexpected(response, f"reading the holder of {name}")
@@ -368,9 +385,7 @@ class BlobSlots:
             for key, value in response.headers.items()
             if key.lower().startswith("x-ms-meta-")
         }
-        return Marker.read(
-            metadata, response.headers.get("Last-Modified", ""), _server_time(response)
-        )
+        return metadata, response
 
     def send(
         self, method: str, blob: str, query: dict[str, str], extra: dict[str, str]

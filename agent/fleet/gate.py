@@ -112,6 +112,12 @@ class FleetGate:
         with self._lock:
             return key in self._holding and self._slot is not None
 
+    def granted(self, key: str) -> bool:
+        """True while ``key`` may be approved early: its slot is fresh and marked for it. Asked
+        again before every try of an approval's POST."""
+        with self._lock:
+            return self._granted(key.lower())
+
     def waiting(self, key: str) -> bool:
         key = key.lower()
         with self._lock:
