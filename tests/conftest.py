@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -147,3 +148,26 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@pytest.fixture
+def azurite(tmp_path: Path) -> Iterator[Any]:
+    """Azurite (Azure Storage's emulator) for one test, in its own directory."""
+    from tests.fleet_harness import Azurite  # here: fleet_harness imports this module
+
+    server = Azurite(tmp_path / "azurite").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[dict[str, Any]]:
+    """Agent processes by name, stopped (or, if dead, reaped) at the end of the test."""
+    started: dict[str, Any] = {}
+    yield started
+    for agent in started.values():
+        if agent.alive():
+            agent.stop()
+        else:
+            agent.process.wait(timeout=30)
+            agent.log.close()

@@ -13,13 +13,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 from agent.state import Store
@@ -29,22 +27,6 @@ from tests.fleet_harness import Azurite, approval_times, fleet_section, free_por
 from tests.reliability.agents import AgentProcess, stored_state
 
 LEASE_SECONDS = 15  # Azure's shortest lease
-
-
-@pytest.fixture
-def azurite(tmp_path: Path) -> Iterator[Azurite]:
-    server = Azurite(tmp_path / "azurite").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def agents() -> Iterator[dict[str, AgentProcess]]:
-    started: dict[str, AgentProcess] = {}
-    yield started
-    for agent in started.values():
-        if agent.alive():
-            agent.stop()
 
 
 def start_agent(

@@ -12,7 +12,7 @@ whatever failed in between.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,25 +24,6 @@ from tests.conftest import Emulator, wait_until
 from tests.fleet_harness import Azurite, FleetLockServer, approval_times, fleet_section
 from tests.reliability.agents import AgentProcess, stored_state
 from tests.test_fleet_agents import LEASE_SECONDS, start_agent
-
-
-@pytest.fixture
-def azurite(tmp_path: Path) -> Iterator[Azurite]:
-    server = Azurite(tmp_path / "azurite").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def agents() -> Iterator[dict[str, AgentProcess]]:
-    started: dict[str, AgentProcess] = {}
-    yield started
-    for agent in started.values():
-        if agent.alive():
-            agent.stop()
-        else:
-            agent.process.wait(timeout=30)
-            agent.log.close()
 
 
 def holds_throughout(condition: Callable[[], bool], seconds: float, why: str) -> None:
