@@ -64,6 +64,7 @@ from agent.imds import ImdsClient
 from agent.lifecycle import (
     ACTIVE,
     DONE,
+    IGNORED,
     IN_FLIGHT,
     PREPARING,
     Approve,
@@ -82,7 +83,7 @@ from agent.metrics import Metrics, type_label
 from agent.selfservice import SelfService, is_self_service
 from agent.state import EventRecord, Store
 from agent.systemd import Notifier
-from agent.workers import HookGate, Workers
+from agent.workers import HeadStart, HookGate, Workers
 
 POLL_BUDGET_SECONDS = 5.0
 # An event whose work failed unexpectedly is taken up again after 1, 2, 4... s, up to this.
@@ -95,6 +96,9 @@ class InjectedFailure(Exception):
 
 
 HEARTBEAT_SECONDS = 60.0
+# How long taking in a document waits for the workers of this VM's new events to start their
+# first hook before it records the other VMs' events.
+HEAD_START_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ class Daemon:
         self._gone: set[str] = set()  # keys missing for the whole grace (or ended by self-service)
         self._unreadable_seen: set[tuple[str, str, str | None]] = set()
         self._waits_told: dict[str, str] = {}
-        self._workers = Workers(self._step, stop=parts.stop, on_error=self._work_failed)
+        self._workers = Workers(self._step_and_tell, stop=parts.stop, on_error=self._work_failed)
+        self._head_start = HeadStart()
         self._gate = HookGate()
         self._approval_failed = False
         self._last_failure: str | None = None
@@ -490,16 +495,27 @@ class Daemon:
     # Taking in a document ------------------------------------------------------------------
 
     def _handle(self, document: ScheduledEventsDocument) -> None:
+        vm_name = self._parts.vm_name
+        incarnation = document.incarnation
+        with self._intake:
+            # This VM's own events first, read without the rest of the document, each
+            # recorded and handed to its worker at once: a document can carry thousands of
+            # other VMs' events, and a Preempt gives 30 seconds.
+            own = document.affecting(vm_name)
+            for event in own:
+                self._take_in_safely(event, incarnation)
+        # Their new workers go first, up to their first hook; the rest waits that long.
+        self._head_start.wait([event.key for event in own], HEAD_START_SECONDS, self._stop)
         with self._intake:
             self._report_unreadable(document.unreadable)
             present = {event.key for event in document.events} | document.unreadable_ids()
+            others = []
             for event in document.events:
                 self._absent_since.pop(event.key, None)
                 self._gone.discard(event.key)
-                try:
-                    self._take_in(event, document.incarnation)
-                except Exception as error:  # one event must never stop the others, or the loop
-                    self._work_failed(event.key, error)
+                if not event.affects(vm_name):
+                    others.append(event)
+            self._take_in_others(others, incarnation)
             for key in document.unreadable_ids():
                 self._absent_since.pop(key, None)
                 self._gone.discard(key)
@@ -510,9 +526,65 @@ class Daemon:
                     self._absent_since.setdefault(key, now)
             self._resumed = True
         # Every unfinished event looks again: the document may have changed what it needs,
-        # and work that failed unexpectedly is taken up again here.
-        for key in unfinished:
-            self._workers.wake(key)
+        # and work that failed unexpectedly is taken up again here. An ignored event still in
+        # the document has nothing to do (it would only look and go back to sleep).
+        for key, (state, form) in unfinished.items():
+            if not self._idle(state, form, present=key in present):
+                self._workers.wake(key)
+
+    def _idle(self, state: str, form: ScheduledEvent | None, *, present: bool) -> bool:
+        """True for an ignored event still in the document and still not this VM's."""
+        if state != IGNORED or not present or form is None:
+            return False
+        return not relevance(form, self._parts.vm_name, self._config.events.types).relevant
+
+    def _step_and_tell(self, key: str) -> bool:
+        """One step of the key's work; the head start is over when it has nothing more to do
+        now (or fails). Starting a hook ends it too (``_run_one``)."""
+        try:
+            more = self._step(key)
+        except BaseException:
+            self._head_start.reached(key)
+            raise
+        if not more:
+            self._head_start.reached(key)
+        return more
+
+    def _take_in_safely(self, event: ScheduledEvent, incarnation: int) -> None:
+        try:
+            self._take_in(event, incarnation)
+        except Exception as error:  # one event must never stop the others, or the loop
+            self._work_failed(event.key, error)
+
+    def _take_in_others(self, events: list[ScheduledEvent], incarnation: int) -> None:
+        """Record other VMs' events: the new ones and the changed ones in one transaction
+        each, whatever their number."""
+        unfinished = self._store.known_unfinished()
+        changed = [e for e in events if e.key in unfinished and unfinished[e.key][1] != e]
+        unseen = [e for e in events if e.key not in unfinished]
+        recorded = self._store.recorded([event.key for event in unseen])
+        now = self._clock.now()
+        try:
+            self._store.update_events(changed, incarnation, now)
+            new = []
+            for event in unseen:
+                if event.key in recorded:
+                    continue
+                fit = relevance(event, self._parts.vm_name, self._config.events.types)
+                new.append((event, fit.reason))
+            self._store.discover_ignored(new, document_incarnation=incarnation, now=now)
+        except Exception as error:  # as one at a time, never the end of the loop
+            for event in [*changed, *unseen]:
+                self._work_failed(event.key, error)
+            return
+        for event in changed:
+            self._told_changed(event)
+        for event, reason in new:
+            self._metrics.seen(event, late=False)
+            self._told_discovered(event, relevant=False, reason=reason)
+        for event in unseen:
+            if event.key in recorded:  # back after it was over: a new occurrence
+                self._take_in_safely(event, incarnation)
 
     def _take_in(self, event: ScheduledEvent, incarnation: int) -> None:
         """Record an event of the newest document: new, a new occurrence, or a new form."""
@@ -521,15 +593,7 @@ class Daemon:
         if record is not None and record.state != DONE:
             if record.event != event:
                 self._store.update_event(event, incarnation, now)
-                name = "event.started" if event.status == "Started" else "event.changed"
-                self._log.info(
-                    name,
-                    event_id=event.event_id,
-                    status=event.status,
-                    event_type=event.event_type,
-                    not_before=event.not_before_text,
-                    resources=list(event.resources),
-                )
+                self._told_changed(event)
             return
         fit = relevance(event, self._parts.vm_name, self._config.events.types)
         late = fit.relevant and (
@@ -557,22 +621,37 @@ class Daemon:
             self._log.warning(
                 "event.new_occurrence", event_id=event.event_id, occurrence=record.occurrence
             )
-        self._log.info(
-            "event.discovered" if fit.relevant else "event.ignored",
-            event_id=event.event_id,
-            event_type=event.event_type,
-            status=event.status,
-            not_before=event.not_before_text,
-            resources=list(event.resources),
-            reason=fit.reason,
-        )
+        self._told_discovered(event, relevant=fit.relevant, reason=fit.reason)
         if fit.relevant and event.event_type == "Redeploy" and self.self_service is not None:
             awaited = self.self_service.take_awaiting_redeploy()
             if awaited is not None:
                 # The Redeploy that follows our performMaintenance: when it leaves, the VM
                 # is back and the self-service maintenance is over.
                 self._redeploy_for[event.key] = awaited
+        if fit.relevant:
+            self._head_start.expect(event.key)
         self._workers.wake(event.key)
+
+    def _told_changed(self, event: ScheduledEvent) -> None:
+        self._log.info(
+            "event.started" if event.status == "Started" else "event.changed",
+            event_id=event.event_id,
+            status=event.status,
+            event_type=event.event_type,
+            not_before=event.not_before_text,
+            resources=list(event.resources),
+        )
+
+    def _told_discovered(self, event: ScheduledEvent, *, relevant: bool, reason: str) -> None:
+        self._log.info(
+            "event.discovered" if relevant else "event.ignored",
+            event_id=event.event_id,
+            event_type=event.event_type,
+            status=event.status,
+            not_before=event.not_before_text,
+            resources=list(event.resources),
+            reason=reason,
+        )
 
     def _report_unreadable(self, entries: tuple[UnreadableEvent, ...]) -> None:
         """Say once, with its JSON path, that an entry of the document cannot be read."""
@@ -902,13 +981,17 @@ class Daemon:
                 hook,
                 HookContext(phase, event, self._parts.vm_name, incarnation, deadline),
                 self._moving_deadline(phase, event, now, deadline),
-                lambda pid: self._store.hook_process(run_id, pid, process_start(pid)),
+                lambda pid: self._hook_process_started(event.key, run_id, pid),
             )
             self._metrics.hook_run(
                 phase, result.outcome, (result.ended_at - result.started_at).total_seconds()
             )
         self._store.hook_finished(run_id, result)
         return result
+
+    def _hook_process_started(self, key: str, run_id: int, pid: int) -> None:
+        self._head_start.reached(key)
+        self._store.hook_process(run_id, pid, process_start(pid))
 
     def _moving_deadline(
         self, phase: str, event: ScheduledEvent, started: datetime, first: datetime

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -205,26 +206,86 @@ class UnreadableEvent:
         return (self.path, self.reason, self.event_id)
 
 
-@dataclass(frozen=True)
 class ScheduledEventsDocument:
     """A whole document: its incarnation, its readable events in the order received, and the
-    entries that could not be read."""
+    entries that could not be read.
 
-    incarnation: int
-    events: tuple[ScheduledEvent, ...]
-    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    unreadable: tuple[UnreadableEvent, ...] = ()
+    Its events are read from the decoded JSON when first asked for, and the events that name
+    one VM can be read without the rest (:meth:`affecting`, :meth:`find`): a document that
+    carries thousands of other VMs' events does not delay this VM's own. Either way the
+    verdict on each entry is the same as reading it whole. Safe to share between threads.
+    """
+
+    def __init__(self, incarnation: int, raw_events: list[Any], extra: Mapping[str, Any]) -> None:
+        self._incarnation = incarnation
+        self._extra = extra
+        self._raw = raw_events
+        self._lock = threading.Lock()
+        self._read: dict[int, ScheduledEvent | UnreadableEvent] = {}
+        self._by_key: dict[str, list[int]] | None = None
+        self._whole: tuple[tuple[ScheduledEvent, ...], tuple[UnreadableEvent, ...]] | None = None
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """The document's keys other than DocumentIncarnation and Events."""
+        return self._extra
+
+    @property
+    def events(self) -> tuple[ScheduledEvent, ...]:
+        return self._read_whole()[0]
+
+    @property
+    def unreadable(self) -> tuple[UnreadableEvent, ...]:
+        return self._read_whole()[1]
 
     def unreadable_ids(self) -> frozenset[str]:
         """The keys of the unreadable entries whose EventId could be read."""
         return frozenset(entry.key for entry in self.unreadable if entry.key is not None)
 
     def find(self, event_id: str) -> ScheduledEvent | None:
-        wanted = event_id.lower()
-        return next((event for event in self.events if event.key == wanted), None)
+        """The readable event with this EventId, reading only the entries that carry it."""
+        indices = self._keys().get(event_id.lower(), [])
+        found = [event for event in map(self._entry, indices) if isinstance(event, ScheduledEvent)]
+        return found[0] if len(found) == 1 else None  # two copies: neither can be trusted
 
     def affecting(self, vm_name: str) -> tuple[ScheduledEvent, ...]:
-        return tuple(event for event in self.events if event.affects(vm_name))
+        """The readable events naming ``vm_name``, reading only the entries that may."""
+        whole = self._whole
+        if whole is not None:
+            return tuple(event for event in whole[0] if event.affects(vm_name))
+        wanted = vm_name.lower()
+        mine = []
+        for index in self._naming(wanted):
+            event = self._entry(index)
+            if isinstance(event, ScheduledEvent) and self.find(event.event_id) is event:
+                mine.append(event)
+        return tuple(mine)
+
+    def _naming(self, wanted: str) -> list[int]:
+        """The entries whose Resources may name ``wanted``; the EventId index is built in the
+        same pass, if it was not yet (one pass over thousands of entries, not two)."""
+        where: dict[str, list[int]] | None = {} if self._by_key is None else None
+        naming = []
+        for index, raw in enumerate(self._raw):
+            if not isinstance(raw, dict):
+                continue
+            if where is not None and isinstance(event_id := raw.get("EventId"), str):
+                where.setdefault(event_id.lower(), []).append(index)
+            names = raw.get("Resources")
+            if isinstance(names, list):
+                for name in names:
+                    if isinstance(name, str) and _resource_name(name) == wanted:
+                        naming.append(index)
+                        break
+        if where is not None:
+            with self._lock:
+                if self._by_key is None:
+                    self._by_key = where
+        return naming
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -233,6 +294,93 @@ class ScheduledEventsDocument:
         }
         wire.update(_thaw(self.extra))
         return wire
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ScheduledEventsDocument):
+            return NotImplemented
+        return (self.incarnation, self.events, dict(self.extra), self.unreadable) == (
+            other.incarnation,
+            other.events,
+            dict(other.extra),
+            other.unreadable,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # equal documents may be read differently
+
+    def __repr__(self) -> str:
+        return (
+            f"ScheduledEventsDocument(incarnation={self.incarnation}, events={self.events!r}, "
+            f"unreadable={self.unreadable!r})"
+        )
+
+    # Each part is read at most once, outside the lock (reading is pure), and kept under it:
+    # a thread asking for one event never waits while another reads the whole document.
+
+    def _keys(self) -> dict[str, list[int]]:
+        """Where each EventId that is a string appears (lower-cased)."""
+        where = self._by_key
+        if where is None:
+            where = {}
+            for index, raw in enumerate(self._raw):
+                if isinstance(raw, dict) and isinstance(event_id := raw.get("EventId"), str):
+                    where.setdefault(event_id.lower(), []).append(index)
+            with self._lock:
+                if self._by_key is None:
+                    self._by_key = where
+                where = self._by_key
+        return where
+
+    def _entry(self, index: int) -> ScheduledEvent | UnreadableEvent:
+        """Entry ``index`` read on its own; the same object every time."""
+        entry = self._read.get(index)
+        if entry is None:
+            raw, path = self._raw[index], f"$.Events[{index}]"
+            try:
+                entry = _parse_event(raw, path)
+            except DocumentError as error:
+                entry = _unreadable(raw, error.path, error.reason)
+            except RecursionError:  # its extra keys, copied, nest deeper than Python can go
+                entry = _unreadable(raw, path, "nested too deeply")
+            with self._lock:
+                entry = self._read.setdefault(index, entry)
+        return entry
+
+    def _read_whole(self) -> tuple[tuple[ScheduledEvent, ...], tuple[UnreadableEvent, ...]]:
+        whole = self._whole
+        if whole is None:
+            whole = self._read_all()
+            with self._lock:
+                if self._whole is None:
+                    self._whole = whole
+                whole = self._whole
+        return whole
+
+    def _read_all(self) -> tuple[tuple[ScheduledEvent, ...], tuple[UnreadableEvent, ...]]:
+        entries = [self._entry(index) for index in range(len(self._raw))]
+        where: dict[str, list[int]] = {}
+        for index, entry in enumerate(entries):
+            if isinstance(entry, ScheduledEvent):
+                where.setdefault(entry.key, []).append(index)
+        events = []
+        unreadable = [entry for entry in entries if isinstance(entry, UnreadableEvent)]
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, ScheduledEvent):
+                continue
+            copies = where[entry.key]
+            if len(copies) == 1:
+                events.append(entry)
+                continue
+            others = ", ".join(f"$.Events[{other}]" for other in copies if other != index)
+            unreadable.append(
+                UnreadableEvent(
+                    f"$.Events[{index}].EventId",
+                    f"EventId {entry.event_id!r} repeats {others}",
+                    entry.event_id,
+                    entry.resources,
+                )
+            )
+        unreadable.sort(key=lambda entry: _index_of(entry.path))
+        return tuple(events), tuple(unreadable)
 
 
 def parse_document_bytes(body: bytes | str) -> ScheduledEventsDocument:
@@ -246,7 +394,11 @@ def parse_document_bytes(body: bytes | str) -> ScheduledEventsDocument:
 
 
 def parse_document(data: object) -> ScheduledEventsDocument:
-    """Parse an already-decoded JSON value into a document, or raise DocumentError."""
+    """Parse an already-decoded JSON value into a document, or raise DocumentError.
+
+    Only the document's frame is checked here; its events are read when first asked for, and
+    an event that cannot be read never raises (it is one of ``unreadable``).
+    """
     try:
         return _parse_document(data)
     except RecursionError:
@@ -264,37 +416,12 @@ def _parse_document(data: object) -> ScheduledEventsDocument:
     raw_events = data["Events"]
     if not isinstance(raw_events, list):
         raise DocumentError(f"expected a list, got {_json_type(raw_events)}", path="$.Events")
-    parsed: list[tuple[int, ScheduledEvent]] = []
-    unreadable: list[UnreadableEvent] = []
-    for index, raw in enumerate(raw_events):
-        path = f"$.Events[{index}]"
-        try:
-            parsed.append((index, _parse_event(raw, path)))
-        except DocumentError as error:
-            unreadable.append(_unreadable(raw, error.path, error.reason))
-    where: dict[str, list[int]] = {}
-    for index, event in parsed:
-        where.setdefault(event.key, []).append(index)
-    events = []
-    for index, event in parsed:
-        copies = where[event.key]
-        if len(copies) == 1:
-            events.append(event)
-            continue
-        others = ", ".join(f"$.Events[{other}]" for other in copies if other != index)
-        unreadable.append(
-            UnreadableEvent(
-                f"$.Events[{index}].EventId",
-                f"EventId {event.event_id!r} repeats {others}",
-                event.event_id,
-                event.resources,
-            )
-        )
     extra = {
         key: value for key, value in data.items() if key not in ("DocumentIncarnation", "Events")
     }
-    unreadable.sort(key=lambda entry: _index_of(entry.path))
-    return ScheduledEventsDocument(incarnation, tuple(events), _freeze(extra), tuple(unreadable))
+    # The entries are read later, from this copy of the list: ``data`` is the caller's, and
+    # must not be changed afterwards.
+    return ScheduledEventsDocument(incarnation, list(raw_events), _freeze(extra))
 
 
 def _index_of(path: str) -> int:

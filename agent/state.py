@@ -364,22 +364,74 @@ class Store:
                 self._unfinished[event.key] = (state, event)
         return record
 
+    def discover_ignored(
+        self, found: list[tuple[ScheduledEvent, str]], *, document_incarnation: int, now: datetime
+    ) -> None:
+        """Record new events that are not this VM's, each with why, in one transaction: a
+        document can carry thousands of them, and one commit each would be one fsync each."""
+        if not found:
+            return
+        state = transition(found[0][0].event_id, None, "discovered_ignored")
+        inserts = [
+            _insert_event(
+                event,
+                state,
+                reason=reason,
+                document_incarnation=document_incarnation,
+                now=now,
+                occurrence=1,
+            )
+            for event, reason in found
+        ]
+        with self._lock:
+            self._write_all([(inserts[0][0], [values for _, values in inserts])], many=True)
+            if self._unfinished is not None:
+                for event, _ in found:
+                    self._unfinished[event.key] = (state, event)
+
+    def recorded(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` the store has a record under (done ones included)."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):  # SQLite allows 999 parameters at most
+            chunk = keys[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT event_key FROM events WHERE event_key IN ({marks})",  # noqa: S608
+                tuple(chunk),
+            )
+            found.update(row["event_key"] for row in rows)
+        return found
+
     def update_event(self, event: ScheduledEvent, document_incarnation: int, now: datetime) -> None:
         """Keep the latest form of an event (Scheduled to Started, a new type, say)."""
+        self.update_events([event], document_incarnation, now)
+
+    def update_events(
+        self, events: list[ScheduledEvent], document_incarnation: int, now: datetime
+    ) -> None:
+        """Keep the latest forms of events, in one transaction."""
+        if not events:
+            return
         with self._lock:
             self._write(
                 "UPDATE events SET raw = ?, event_type = ?, document_incarnation = ?,"
                 " updated_at = ? WHERE event_key = ?",
-                (
-                    json.dumps(event.to_wire()),
-                    event.event_type,
-                    document_incarnation,
-                    _iso(now),
-                    event.key,
-                ),
+                [
+                    (
+                        json.dumps(event.to_wire()),
+                        event.event_type,
+                        document_incarnation,
+                        _iso(now),
+                        event.key,
+                    )
+                    for event in events
+                ],
+                many=True,
             )
-            if self._unfinished is not None and event.key in self._unfinished:
-                self._unfinished[event.key] = (self._unfinished[event.key][0], event)
+            if self._unfinished is not None:
+                for event in events:
+                    if event.key in self._unfinished:
+                        self._unfinished[event.key] = (self._unfinished[event.key][0], event)
 
     def new_occurrence(
         self,

@@ -17,7 +17,8 @@ Invariants of :class:`HookGate` (hooks/README.md):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 
 
 class Workers:
@@ -126,3 +127,40 @@ class HookGate:
         with self._lock:
             if self._recover_owner == key:
                 self._recover_owner = None
+
+
+class HeadStart:
+    """Lets the thread that takes in a document wait, for a bounded time, until the workers of
+    this VM's new events have started their first hook (or found nothing to do yet) before it
+    goes on with the rest: in one process, threads share one interpreter lock, and thousands of
+    other VMs' events taken in beside a worker slow it down.
+
+    ``expect(key)`` comes before the key's worker is woken, so its ``reached(key)`` is never
+    missed; a key reached (or never expected) is not waited for.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, threading.Event] = {}
+
+    def expect(self, key: str) -> None:
+        with self._lock:
+            self._pending.setdefault(key, threading.Event())
+
+    def reached(self, key: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.set()
+
+    def wait(self, keys: Collection[str], seconds: float, stop: threading.Event) -> bool:
+        """Wait until every key is reached, at most ``seconds`` (or until ``stop``); True when
+        all were."""
+        with self._lock:
+            waiting = [self._pending[key] for key in keys if key in self._pending]
+        deadline = time.monotonic() + seconds
+        for pending in waiting:
+            while not pending.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if stop.is_set() or time.monotonic() >= deadline:
+                    return False
+        return True

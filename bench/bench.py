@@ -10,7 +10,10 @@ scripts that record timestamps, and writes bench/results.json and a table. Measu
    requests+json loop measured in the same run
 5. growth: CPU per poll for documents of 1, 10, 100 and 1,000 events, changing and unchanged
 6. start-up: process start -> the first poll sent
-7. fleet: 16 agents of one group share 2 slots in Azurite (bench/fleet.py)
+7. document size: a document of 1 to 5,000 other VMs' events and this VM's Preempt -> its first
+   hook starts, first seen and changed, on this disk and on one whose fsync takes 5 ms
+   (bench/first_hook.py)
+8. fleet: 16 agents of one group share 2 slots in Azurite (bench/fleet.py)
 
 ``--quick`` runs fewer repetitions (for a smoke test); the figures it gives mean less.
 """
@@ -61,6 +64,8 @@ TARGETS = {
     "idle_rss_growth_mb": ("<=", 1.0),
     "growth_1000_changed_ms": ("<", 50.0),
     "startup_p99_seconds": ("<=", 1.0),
+    "first_hook_first_seen_fast_5000_ms": ("<=", 50.0),
+    "first_hook_changed_fast_5000_ms": ("<=", 50.0),
     "fleet_most_held_at_once": ("<=", 2),
     "fleet_missed_early_approvals": ("<=", 0),
     "fleet_order_inversions": ("<=", 0),
@@ -401,6 +406,13 @@ def measure_startup(repetitions: int) -> dict[str, Any]:
     }
 
 
+def measure_first_hook_run(quick: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from bench.first_hook import measure_first_hook  # noqa: PLC0415 (needs ROOT on the path)
+
+    return measure_first_hook((1, 100, 1000, 5000), 1 if quick else 5)
+
+
 def measure_fleet_run(quick: bool) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))  # bench.fleet and the Azurite harness of the tests
     from bench.fleet import measure_fleet  # noqa: PLC0415 (needs ROOT on the path first)
@@ -454,6 +466,7 @@ def main() -> int:
         ("idle", lambda: measure_idle(1000 if quick else 10_000)),
         ("growth", lambda: measure_growth((1, 10, 100, 1000), 5 if quick else 20)),
         ("startup", lambda: measure_startup(3 if quick else 10)),
+        ("first_hook", lambda: measure_first_hook_run(quick)),
         ("fleet", lambda: measure_fleet_run(quick)),
     ):
         print(f"bench: measuring {name} ...", flush=True)

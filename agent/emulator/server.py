@@ -66,6 +66,9 @@ class EmulatorServer(ThreadingHTTPServer):
         self.connections = 0
         self.requests = 0
         self.first_metadata_request_at: float | None = None
+        self.scheduled_events_requests = 0
+        # When a document of each incarnation was first sent whole (time.time()), the newest.
+        self.documents_sent_at: dict[int, float] = {}
         self.arm = arm.ArmState()
         self._first_call_pending = first_call_delay_seconds > 0
         self._counter_lock = threading.Lock()
@@ -103,6 +106,17 @@ class EmulatorServer(ThreadingHTTPServer):
     def count_request(self) -> None:
         with self._counter_lock:
             self.requests += 1
+
+    def count_scheduled_events_request(self) -> None:
+        with self._counter_lock:
+            self.scheduled_events_requests += 1
+
+    def document_sent(self, incarnation: int) -> None:
+        with self._counter_lock:
+            if incarnation not in self.documents_sent_at:
+                self.documents_sent_at[incarnation] = time.time()
+                while len(self.documents_sent_at) > 256:
+                    del self.documents_sent_at[next(iter(self.documents_sent_at))]
 
     def take_first_call_delay(self) -> float:
         with self._counter_lock:
@@ -225,6 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": "Bad request. Request contains X-Forwarded-For header"})
             return
         if path == "/metadata/scheduledevents":
+            self.server.count_scheduled_events_request()
             self._scheduled_events(method, query, body)
         elif path == "/metadata/instance" or path.startswith("/metadata/instance/"):
             self._instance(method, path, query)
@@ -300,6 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         extra = {"ETag": etag} if self.server.etag else {}
         self._send(200, compact_json(document), _JSON, extra=extra)
+        self.wfile.flush()
+        self.server.document_sent(document["DocumentIncarnation"])
 
     def _approve(self, body: bytes) -> None:
         # Parsed as JSON whatever the Content-Type: curl -d sends it form-encoded.
@@ -459,6 +476,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "connections": self.server.connections,
                     "requests": self.server.requests,
                     "first_metadata_request_at": self.server.first_metadata_request_at,
+                    "scheduled_events_requests": self.server.scheduled_events_requests,
+                    "documents_sent_at": {
+                        str(incarnation): at
+                        for incarnation, at in self.server.documents_sent_at.items()
+                    },
                     "incarnation": world.incarnation,
                 },
             )
