@@ -503,6 +503,8 @@ class Daemon:
             # other VMs' events, and a Preempt gives 30 seconds.
             own = document.affecting(vm_name)
             for event in own:
+                self._absent_since.pop(event.key, None)
+                self._gone.discard(event.key)
                 self._take_in_safely(event, incarnation)
         # Their new workers go first, up to their first hook; the rest waits that long.
         self._head_start.wait([event.key for event in own], HEAD_START_SECONDS, self._stop)
