@@ -202,6 +202,7 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
     from agent.exposition import MetricsServer
     from agent.imds import ImdsClient
     from agent.metrics import Metrics
+    from agent.mirror import Mirror
     from agent.selfservice import SelfService
     from agent.state import Store
     from agent.systemd import Notifier
@@ -271,7 +272,8 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
     server = None
     if config.metrics.listen is not None and not arguments.once:
         try:
-            server = MetricsServer(config.metrics.listen, registry, daemon.health).start()
+            mirror = Mirror(imds.copy, api_version=config.imds.api_version, now=clock.monotonic)
+            server = MetricsServer(config.metrics.listen, registry, daemon.health, mirror).start()
         except OSError as error:
             store.close()
             imds.close()
@@ -279,7 +281,11 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
                 f"metrics: cannot listen on {config.metrics.listen}: {error.strerror} "
                 "(another agent running? change metrics.listen, or null turns metrics off)"
             ) from None
-        log.info("metrics.serving", url=f"{server.url}/metrics")
+        log.info(
+            "metrics.serving",
+            url=f"{server.url}/metrics",
+            mirror=f"{server.url}/metadata/scheduledevents?api-version={config.imds.api_version}",
+        )
     try:
         return daemon.run_once() if arguments.once else daemon.run()
     finally:

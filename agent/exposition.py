@@ -1,4 +1,5 @@
-"""The metrics listener: ``/metrics`` for Prometheus and ``/healthz`` for probes.
+"""The agent's listener: ``/metrics`` for Prometheus, ``/healthz`` for probes, and the local
+mirror of the Scheduled Events document (``/metadata/scheduledevents``, agent/mirror.py).
 
 Serves on ``metrics.listen`` (loopback by default) from a thread; ``/healthz`` answers 200 while
 polls succeed and 503 with the reason otherwise.
@@ -12,6 +13,8 @@ from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.mirror import Answer, Mirror
+
 HealthCheck = Callable[[], "tuple[bool, str]"]
 
 
@@ -19,6 +22,8 @@ HealthCheck = Callable[[], "tuple[bool, str]"]
 MAX_CONNECTIONS = 32
 # A connection that sends nothing for this long is dropped: idle clients cannot pile up.
 IDLE_SECONDS = 5.0
+# A request body (an approval POSTed to the mirror) is read up to this size, to be refused.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 class MetricsServer(ThreadingHTTPServer):
@@ -29,11 +34,18 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, listen: str, registry: CollectorRegistry, health: HealthCheck) -> None:
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        health: HealthCheck,
+        mirror: Mirror | None = None,
+    ) -> None:
         host, _, port = listen.rpartition(":")
         super().__init__((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
         self.registry = registry
         self.health = health
+        self.mirror = mirror
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
@@ -82,13 +94,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path.startswith("/metadata") and self.server.mirror is not None:
+            self._answer(self.server.mirror.answer("GET", self.path, self.headers.get))
+        elif path == "/metrics":
             self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             healthy, reason = self.server.health()
             self._send(200 if healthy else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
         else:
             self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+
+    def do_HEAD(self) -> None:
+        if self.path.startswith("/metadata") and self.server.mirror is not None:
+            answer = self.server.mirror.answer("HEAD", self.path, self.headers.get)
+            self._answer(Answer(answer.status, answer.headers, b""), length=len(answer.body))
+        else:
+            self._send(405, b"", "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+            self.close_connection = True  # its body is not read: the connection cannot go on
+        elif int(length):
+            self.rfile.read(int(length))
+        if self.path.startswith("/metadata") and self.server.mirror is not None:
+            self._answer(self.server.mirror.answer("POST", self.path, self.headers.get))
+        else:
+            self._send(405, b"nothing takes a POST here\n", "text/plain; charset=utf-8")
+
+    def _answer(self, answer: Answer, *, length: int | None = None) -> None:
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        if answer.status != 304:
+            self.send_header("Content-Length", str(len(answer.body) if length is None else length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(answer.body)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -54,6 +54,7 @@ from agent.http import (
     json_value,
     retry_after_seconds,
 )
+from agent.mirror import DocumentCopy
 
 DEFAULT_URL = "http://169.254.169.254"
 DEFAULT_API_VERSION = "2020-07-01"
@@ -192,6 +193,8 @@ class ImdsClient:
         self._last_body: bytes | None = None
         self._last_document: ScheduledEventsDocument | None = None
         self._last_retry_reason: str | None = None
+        # The latest document as IMDS answered it, for the local mirror.
+        self.copy = DocumentCopy()
 
     @property
     def scheduled_events_url(self) -> str:
@@ -221,6 +224,7 @@ class ImdsClient:
                 raise
             self._service_warm = True
             if status == 304 and self._last_document is not None:
+                self.copy.confirmed(self._clock.monotonic())
                 return self._last_document
             if status != 200:
                 self._etag = None
@@ -228,6 +232,7 @@ class ImdsClient:
             self._etag = response_headers.get("ETag")
             self._etag_at = self._clock.monotonic()
             if body == self._last_body and self._last_document is not None:
+                self.copy.confirmed(self._clock.monotonic())
                 return self._last_document
             try:
                 document = parse_document_bytes(body)
@@ -236,6 +241,7 @@ class ImdsClient:
                 raise
             self._last_body = body
             self._last_document = document
+            self.copy.received(body, response_headers.get("Content-Type"), self._clock.monotonic())
             return document
 
         return self._with_retries(attempt, url, budget_seconds)
