@@ -193,6 +193,8 @@ class Daemon:
         self._waits_told: dict[str, str] = {}
         self._workers = Workers(self._step_and_tell, stop=parts.stop, on_error=self._work_failed)
         self._head_start = HeadStart()
+        self._intake_incomplete = False
+        self._intake_failure: str | None = None
         self._gate = HookGate()
         self._approval_failed = False
         self._last_failure: str | None = None
@@ -404,8 +406,10 @@ class Daemon:
         self._latest = document
         changed = document is not self._handled
         if changed:
+            self._intake_incomplete = False
             self._handle(document)
-            self._handled = document
+            # Taken in again by the next poll when other VMs' events could not be recorded.
+            self._handled = None if self._intake_incomplete else document
             self._refresh_gauges()
         self._expire_absent(document)
         self._retry_failed_work()
@@ -575,10 +579,22 @@ class Daemon:
                 fit = relevance(event, self._parts.vm_name, self._config.events.types)
                 new.append((event, fit.reason))
             self._store.discover_ignored(new, document_incarnation=incarnation, now=now)
-        except Exception as error:  # as one at a time, never the end of the loop
-            for event in [*changed, *unseen]:
-                self._work_failed(event.key, error)
+        except Exception as error:  # never the end of the loop: the next poll tries again
+            self._intake_incomplete = True
+            reason = f"{type(error).__name__}: {error}"
+            if reason != self._intake_failure:
+                self._intake_failure = reason
+                self._metrics.unexpected_errors.labels(thread="poll").inc()
+                self._log.error(
+                    "document.intake_failed",
+                    events=len(changed) + len(unseen),
+                    reason=reason,
+                    consequence="other VMs' events are not recorded yet; the next poll takes "
+                    "the document in again (this VM's own events are not affected)",
+                    exc_info=error,
+                )
             return
+        self._intake_failure = None
         for event in changed:
             self._told_changed(event)
         for event, reason in new:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 import agent.events
 from agent.events import parse_document, parse_document_bytes
@@ -216,3 +217,27 @@ def test_a_large_body_is_taken_in_whole() -> None:
     assert len(document.events) == 5000
     (unreadable,) = document.unreadable
     assert unreadable.event_id == "broken" and unreadable.may_affect("web_4")
+
+
+def test_other_vms_events_that_cannot_be_recorded_are_taken_in_again_by_the_next_poll(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = live.add_event(type="Reboot", resources=["web_5"])
+    agents.append(agent := build_agent(tmp_path, live.url))
+    discover_ignored = Store.discover_ignored
+    failures = [RuntimeError("disk on fire")]
+
+    def failing_once(store: Store, *arguments: Any, **options: Any) -> None:
+        if failures:
+            raise failures.pop()
+        discover_ignored(store, *arguments, **options)
+
+    monkeypatch.setattr(Store, "discover_ignored", failing_once)
+    with capture_logs() as logs:
+        assert agent.daemon.poll()
+        assert agent.store.get(other["EventId"]) is None
+        assert agent.daemon.poll()  # the same document: taken in again all the same
+    record = agent.store.get(other["EventId"])
+    assert record is not None and record.state == IGNORED
+    (failed,) = [log for log in logs if log["event"] == "document.intake_failed"]
+    assert "disk on fire" in failed["reason"]
