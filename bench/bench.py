@@ -13,7 +13,9 @@ scripts that record timestamps, and writes bench/results.json and a table. Measu
 7. document size: a document of 1 to 5,000 other VMs' events and this VM's Preempt -> its first
    hook starts, first seen and changed, on this disk and on one whose fsync takes 5 ms
    (bench/first_hook.py)
-8. fleet: 16 agents of one group share 2 slots in Azurite (bench/fleet.py)
+8. mirror: 20 local clients poll the agent's mirror every second: IMDS requests with and
+   without them, and how stale each client sees a new incarnation (bench/mirror.py)
+9. fleet: 16 agents of one group share 2 slots in Azurite (bench/fleet.py)
 
 ``--quick`` runs fewer repetitions (for a smoke test); the figures it gives mean less.
 """
@@ -66,6 +68,10 @@ TARGETS = {
     "startup_p99_seconds": ("<=", 1.0),
     "first_hook_first_seen_fast_5000_ms": ("<=", 50.0),
     "first_hook_changed_fast_5000_ms": ("<=", 50.0),
+    # One request more or less at each end of two 30 s phases is 2 a minute: none is added.
+    "mirror_extra_imds_requests_per_minute": ("<=", 2.0),
+    "mirror_missed_incarnations": ("<=", 0),
+    "mirror_staleness_max_seconds": ("<=", 1.1),
     "fleet_most_held_at_once": ("<=", 2),
     "fleet_missed_early_approvals": ("<=", 0),
     "fleet_order_inversions": ("<=", 0),
@@ -413,6 +419,13 @@ def measure_first_hook_run(quick: bool) -> dict[str, Any]:
     return measure_first_hook((1, 100, 1000, 5000), 1 if quick else 5)
 
 
+def measure_mirror_run(quick: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from bench.mirror import measure_mirror  # noqa: PLC0415 (needs ROOT on the path)
+
+    return measure_mirror(20, 10.0 if quick else 30.0)
+
+
 def measure_fleet_run(quick: bool) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))  # bench.fleet and the Azurite harness of the tests
     from bench.fleet import measure_fleet  # noqa: PLC0415 (needs ROOT on the path first)
@@ -467,6 +480,7 @@ def main() -> int:
         ("growth", lambda: measure_growth((1, 10, 100, 1000), 5 if quick else 20)),
         ("startup", lambda: measure_startup(3 if quick else 10)),
         ("first_hook", lambda: measure_first_hook_run(quick)),
+        ("mirror", lambda: measure_mirror_run(quick)),
         ("fleet", lambda: measure_fleet_run(quick)),
     ):
         print(f"bench: measuring {name} ...", flush=True)
