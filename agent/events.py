@@ -17,6 +17,9 @@ Pure: no I/O, no clock. Invariants:
   case-insensitively through :attr:`ScheduledEvent.key`.
 - ``to_wire`` writes an event back with its fields as received, so a well-formed document
   round-trips.
+- A document's entries are read when first asked for, each at most once; the events naming
+  one VM (``affecting``) or carrying one EventId (``find``) are read without the rest, and get
+  the verdicts a whole read gives.
 """
 
 from __future__ import annotations

@@ -49,28 +49,31 @@ class DocumentCopy:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._snapshot: Snapshot | None = None
+        self._body: bytes | None = None
+        self._content_type = _JSON
+        self._etag: str | None = None  # hashed when first asked for, not on the poller's way
+        self._at = 0.0
 
     def received(self, body: bytes, content_type: str | None, at: float) -> None:
-        """IMDS answered ``body`` (or confirmed it unchanged) at ``at``."""
+        """IMDS answered ``body`` at ``at``."""
         with self._lock:
-            old = self._snapshot
-            if old is not None and old.body == body:
-                etag = old.etag
-            else:
-                etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-            self._snapshot = Snapshot(body, content_type or _JSON, etag, at)
+            if body != self._body:
+                self._body, self._etag = body, None
+            self._content_type = content_type or _JSON
+            self._at = at
 
     def confirmed(self, at: float) -> None:
-        """IMDS said the document is unchanged (a 304) at ``at``."""
+        """IMDS said the document is unchanged (a 304, or the same bytes) at ``at``."""
         with self._lock:
-            old = self._snapshot
-            if old is not None:
-                self._snapshot = Snapshot(old.body, old.content_type, old.etag, at)
+            self._at = at
 
     def latest(self) -> Snapshot | None:
         with self._lock:
-            return self._snapshot
+            if self._body is None:
+                return None
+            if self._etag is None:
+                self._etag = '"' + hashlib.blake2b(self._body, digest_size=12).hexdigest() + '"'
+            return Snapshot(self._body, self._content_type, self._etag, self._at)
 
 
 @dataclass(frozen=True)

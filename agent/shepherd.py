@@ -20,14 +20,18 @@ library only) because it must start fast and must not import the agent.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 import time
 
+TYPE_CHECKING = False  # typing itself takes 7 ms to import
+if TYPE_CHECKING:
+    import signal
+else:  # the C module under the signal package, without its enums (5 ms more)
+    import _signal as signal
+
 # Only what must come before the hook starts is imported here: each module is time on the way to
-# the hook (json, contextlib and typing would add about 10 ms).
+# the hook (json, contextlib, typing, ctypes and signal's enums would add about 20 ms).
 
 PR_SET_CHILD_SUBREAPER = 36
 KILL_BOUND_SECONDS = 10.0
@@ -175,7 +179,7 @@ def start_hook(hook_fd: int, name: str, status_fd: int) -> int:
         if number in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
-            if signal.getsignal(number) is not signal.SIG_DFL:
+            if signal.getsignal(number) != signal.SIG_DFL:
                 signal.signal(number, signal.SIG_DFL)
         except (OSError, ValueError):
             pass
@@ -186,14 +190,40 @@ def start_hook(hook_fd: int, name: str, status_fd: int) -> int:
     os._exit(127)
 
 
+def become_subreaper() -> int:
+    """``prctl(PR_SET_CHILD_SUBREAPER, 1)``; 0, or the errno. Through ``_ctypes`` itself: the
+    ``ctypes`` package takes 5 ms to import, on the way to every hook; it is the fallback for
+    a Python whose ``_ctypes`` does not offer these names."""
+    try:
+        import _ctypes
+
+        class Int(_ctypes._SimpleCData[int]):
+            _type_ = "i"
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = Int
+
+        handle = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # None: the program itself
+        prctl = Function(_ctypes.dlsym(handle, "prctl"))
+    except (ImportError, AttributeError, TypeError, OSError):
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return ctypes.get_errno() or 1
+        return 0
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return int(_ctypes.get_errno()) or 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     hook_fd, status_fd = int(argv[1]), int(argv[2])
     grace, name = float(argv[3]), argv[4]
     os.set_inheritable(status_fd, False)
     os.set_inheritable(hook_fd, True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        error = ctypes.get_errno()
+    error = become_subreaper()
+    if error:
         report(status_fd, {"error": f"cannot become a subreaper: {os.strerror(error)}"})
         return 1
 

@@ -165,7 +165,7 @@ def measure_first_hook(
         disks: dict[str, Path | None] = {"fast": None}
         if preload is not None:
             disks["slow"] = preload
-        table: dict[str, dict[str, dict[str, float]]] = {}
+        table: dict[str, dict[str, float]] = {}
         for disk, library in disks.items():
             for mode in ("first_seen", "changed"):
                 row = table.setdefault(f"{mode}_{disk}", {})

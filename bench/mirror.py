@@ -124,12 +124,13 @@ def _phases(
         time.sleep(0.05)
     probe.close()
 
-    def imds_requests_during(action: Any) -> int:
-        before = server.scheduled_events_requests
+    def imds_requests_per_minute(action: Any) -> float:
+        before, started = server.scheduled_events_requests, time.monotonic()
         action()
-        return server.scheduled_events_requests - before
+        elapsed = time.monotonic() - started
+        return (server.scheduled_events_requests - before) * 60 / elapsed
 
-    alone = imds_requests_during(lambda: time.sleep(seconds))
+    alone = imds_requests_per_minute(lambda: time.sleep(seconds))
     stop = threading.Event()
     polling = [Client(url, stop) for _ in range(clients)]
     for client in polling:
@@ -145,7 +146,7 @@ def _phases(
             published.append(world.incarnation)
         time.sleep(INTERVAL * 2)  # the last one reaches every client
 
-    shared = imds_requests_during(publish)
+    shared = imds_requests_per_minute(publish)
     stop.set()
     for client in polling:
         client.join(timeout=10)
@@ -164,13 +165,12 @@ def _phases(
                     continue
                 seen = min(later)
             delays.append(seen - sent)
-    window = seconds + INTERVAL * 2
     return {
         "clients": clients,
         "seconds": seconds,
-        "imds_requests_per_minute_without_clients": alone * 60 / seconds,
-        "imds_requests_per_minute_with_clients": shared * 60 / window,
-        "mirror_extra_imds_requests_per_minute": shared * 60 / window - alone * 60 / seconds,
+        "imds_requests_per_minute_without_clients": alone,
+        "imds_requests_per_minute_with_clients": shared,
+        "mirror_extra_imds_requests_per_minute": shared - alone,
         "mirror_reads": sum(client.reads for client in polling),
         "mirror_client_failures": sum(c.failures for c in polling),
         "incarnations_published": len(published),
