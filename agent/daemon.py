@@ -612,6 +612,13 @@ class Daemon:
             if record.event != event:
                 self._store.update_event(event, incarnation, now)
                 self._told_changed(event)
+                if event.affects(self._parts.vm_name):
+                    # This VM's: worked now, before the other VMs' events are taken in. One
+                    # that was ignored and now names this VM gets the head start a new one does.
+                    fit = relevance(event, self._parts.vm_name, self._config.events.types)
+                    if record.state == IGNORED and fit.relevant:
+                        self._head_start.expect(event.key)
+                    self._workers.wake(event.key)
             return
         fit = relevance(event, self._parts.vm_name, self._config.events.types)
         late = fit.relevant and (
@@ -885,8 +892,11 @@ class Daemon:
             self._workers.wake(key)
 
     def _wake_others(self, key: str) -> None:
-        for other in self._store.known_unfinished():
-            if other != key:
+        """Another event's step may have freed what these wait for. An ignored event waits
+        for nothing (its leaving and its coming to name this VM wake it themselves): a
+        document with thousands of them must not start a thread for each."""
+        for other, (state, _) in self._store.known_unfinished().items():
+            if other != key and state != IGNORED:
                 self._workers.wake(other)
 
     def _current(self, record: EventRecord) -> ScheduledEvent:

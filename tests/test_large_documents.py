@@ -23,8 +23,8 @@ from agent.events import parse_document, parse_document_bytes
 from agent.lifecycle import IGNORED
 from agent.state import Store
 from agent.workers import Workers
-from tests.agent_harness import RunningAgent, build_agent, calls
-from tests.conftest import Emulator, wait_until
+from tests.agent_harness import RunningAgent, build_agent, calls, start_agent
+from tests.conftest import Emulator, approved_ids, wait_until
 
 OTHERS = 300
 
@@ -241,3 +241,50 @@ def test_other_vms_events_that_cannot_be_recorded_are_taken_in_again_by_the_next
     assert record is not None and record.state == IGNORED
     (failed,) = [log for log in logs if log["event"] == "document.intake_failed"]
     assert "disk on fire" in failed["reason"]
+
+
+def test_this_vms_event_wakes_no_worker_for_other_vms_events_from_start_to_end(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    others = {
+        live.world.add({"type": "Reboot", "resources": [f"web_{1000 + n}"]}).event_id.lower()
+        for n in range(OTHERS)
+    }
+    woken: list[str] = []
+    wake = Workers.wake
+
+    def noting(workers: Workers, key: str) -> None:
+        woken.append(key)
+        wake(workers, key)
+
+    monkeypatch.setattr(Workers, "wake", noting)
+    agents.append(start_agent(tmp_path, live.url))
+    mine = live.add_event(type="Reboot", not_before_in_seconds=600, started_for_seconds=0.2)
+    wait_until(lambda: f"end recover Reboot {mine['EventId']}" in calls(tmp_path))
+    assert approved_ids(live) == [mine["EventId"]]
+    # Each hook's end and each move wake the events that may wait on it: never the ignored.
+    assert others & set(woken) == set(), f"{len(others & set(woken))} ignored events woken"
+
+
+def test_an_ignored_event_that_comes_to_name_this_vm_goes_before_the_others(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(OTHERS):
+        live.world.add({"type": "Reboot", "resources": [f"web_{1000 + n}"]})
+    ignored = live.add_event(type="Reboot", resources=["web_5"], not_before_in_seconds=600)
+    agents.append(agent := build_agent(tmp_path, live.url))
+    assert agent.daemon.poll()
+    key = ignored["EventId"].lower()
+    hook_runs_when_others_written: list[int] = []
+    discover_ignored = Store.discover_ignored
+
+    def after_the_hook(store: Store, *arguments: Any, **options: Any) -> None:
+        hook_runs_when_others_written.append(len(store.hook_runs(key, "prepare")))
+        discover_ignored(store, *arguments, **options)
+
+    monkeypatch.setattr(Store, "discover_ignored", after_the_hook)
+    live.control("PATCH", f"events/{ignored['EventId']}", {"resources": ["web_5", "web_4"]})
+    live.world.add({"type": "Reboot", "resources": ["web_3000"]})  # and one other VM's, new
+    assert agent.daemon.poll()
+    assert hook_runs_when_others_written == [1]
+    wait_until(lambda: f"end prepare Reboot {ignored['EventId']}" in calls(tmp_path))
