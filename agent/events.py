@@ -31,7 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10; only a name for the type checker here
 
 from agent.errors import DocumentError
 
@@ -74,6 +77,8 @@ _ISO8601 = re.compile(
 _DIGITS = re.compile(r"^\s*\d{1,19}\s*$")
 # SQLite keeps integers in 64 bits: a larger incarnation is no incarnation Azure would write.
 MAX_INCARNATION = 2**63 - 1
+# How deep an event's values may nest (the event object is level 1).
+MAX_EVENT_DEPTH = 32
 _SIGNED_DIGITS = re.compile(r"^\s*-?\d{1,19}\s*$")
 
 
@@ -252,8 +257,10 @@ class ScheduledEventsDocument:
     def find(self, event_id: str) -> ScheduledEvent | None:
         """The readable event with this EventId, reading only the entries that carry it."""
         indices = self._keys().get(event_id.lower(), [])
-        found = [event for event in map(self._entry, indices) if isinstance(event, ScheduledEvent)]
-        return found[0] if len(found) == 1 else None  # two copies: neither can be trusted
+        if len(indices) != 1:
+            return None  # two entries carry it, readable or not: neither can be trusted
+        found = self._entry(indices[0])
+        return found if isinstance(found, ScheduledEvent) else None
 
     def affecting(self, vm_name: str) -> tuple[ScheduledEvent, ...]:
         """The readable events naming ``vm_name``, reading only the entries that may."""
@@ -276,7 +283,7 @@ class ScheduledEventsDocument:
         for index, raw in enumerate(self._raw):
             if not isinstance(raw, dict):
                 continue
-            if where is not None and isinstance(event_id := raw.get("EventId"), str):
+            if where is not None and _readable_id(event_id := raw.get("EventId")):
                 where.setdefault(event_id.lower(), []).append(index)
             names = raw.get("Resources")
             if isinstance(names, list):
@@ -320,12 +327,13 @@ class ScheduledEventsDocument:
     # a thread asking for one event never waits while another reads the whole document.
 
     def _keys(self) -> dict[str, list[int]]:
-        """Where each EventId that is a string appears (lower-cased)."""
+        """Where each EventId that can be read appears (lower-cased), in readable entries or
+        not: an EventId in two entries makes both unreadable, whatever else is wrong."""
         where = self._by_key
         if where is None:
             where = {}
             for index, raw in enumerate(self._raw):
-                if isinstance(raw, dict) and isinstance(event_id := raw.get("EventId"), str):
+                if isinstance(raw, dict) and _readable_id(event_id := raw.get("EventId")):
                     where.setdefault(event_id.lower(), []).append(index)
             with self._lock:
                 if self._by_key is None:
@@ -360,10 +368,7 @@ class ScheduledEventsDocument:
 
     def _read_all(self) -> tuple[tuple[ScheduledEvent, ...], tuple[UnreadableEvent, ...]]:
         entries = [self._entry(index) for index in range(len(self._raw))]
-        where: dict[str, list[int]] = {}
-        for index, entry in enumerate(entries):
-            if isinstance(entry, ScheduledEvent):
-                where.setdefault(entry.key, []).append(index)
+        where = self._keys()
         events = []
         unreadable = [entry for entry in entries if isinstance(entry, UnreadableEvent)]
         for index, entry in enumerate(entries):
@@ -384,6 +389,28 @@ class ScheduledEventsDocument:
             )
         unreadable.sort(key=lambda entry: _index_of(entry.path))
         return tuple(events), tuple(unreadable)
+
+
+def _readable_id(value: object) -> TypeGuard[str]:
+    """An EventId as far as it can be read: a string with more than spaces (a NUL or a lone
+    surrogate make the event unreadable, but the EventId is still its name)."""
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether a JSON value nests containers more than ``limit`` deep (without recursion)."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def parse_document_bytes(body: bytes | str) -> ScheduledEventsDocument:
@@ -466,6 +493,10 @@ def _parse_incarnation(value: object) -> int:
 def _parse_event(raw: object, path: str) -> ScheduledEvent:
     if not isinstance(raw, dict):
         raise DocumentError(f"expected an event object, got {_json_type(raw)}", path=path)
+    if _nested_deeper_than(raw, MAX_EVENT_DEPTH):
+        # Azure's events are flat. Deeper values could be copied here and not in a thread
+        # with a deeper stack: the verdict must not depend on where it is reached.
+        raise DocumentError(f"nested more than {MAX_EVENT_DEPTH} levels deep", path=path)
     event_id = _required_text(raw, "EventId", path)
     if "\x00" in event_id:
         # Azure's EventIds are GUIDs. A NUL cannot reach a hook's environment, and the state

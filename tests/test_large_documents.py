@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,51 @@ def test_an_ignored_event_that_comes_to_name_this_vm_goes_before_the_others(
     assert agent.daemon.poll()
     assert hook_runs_when_others_written == [1]
     wait_until(lambda: f"end prepare Reboot {ignored['EventId']}" in calls(tmp_path))
+
+
+def test_an_event_id_in_two_entries_makes_every_copy_unreadable_even_a_well_formed_one() -> None:
+    broken = wire_event("HALF-4", ["web_9"])
+    del broken["EventStatus"]
+    body = {"DocumentIncarnation": 2, "Events": [wire_event("half-4", ["web_4"]), broken]}
+    for document in (parse_document(body), parse_document(body)):
+        assert document.affecting("web_4") == ()
+        assert document.find("half-4") is None
+        assert document.events == ()
+        assert {entry.path for entry in document.unreadable} == {
+            "$.Events[0].EventId",
+            "$.Events[1].EventStatus",
+        }
+
+
+def nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [31, 900])
+def test_an_event_nested_too_deep_is_unreadable_wherever_it_is_read(depth: int) -> None:
+    """The verdict is the same in a shallow thread and a deep one: it never depends on how
+    much stack is left when the event is copied."""
+    body = {
+        "DocumentIncarnation": 2,
+        "Events": [wire_event("deep", ["web_4"], Extra=nested(depth))],
+    }
+    shallow = parse_document(body).affecting("web_4")
+    verdicts: list[int] = []
+
+    def deep_down(levels: int) -> None:
+        if levels:
+            deep_down(levels - 1)
+            return
+        verdicts.append(len(parse_document(body).affecting("web_4")))
+
+    thread = threading.Thread(target=deep_down, args=(800,))
+    thread.start()
+    thread.join()
+    assert verdicts == [len(shallow)]
+    assert len(shallow) == (1 if depth == 31 else 0)  # the event itself is a level
+    if depth > 31:
+        (unreadable,) = parse_document(body).unreadable
+        assert "nested more than 32 levels" in unreadable.reason
