@@ -114,13 +114,14 @@ class Mirror:
             return _error(400, "Bad request. Required metadata header not specified")
         if header("X-Forwarded-For") is not None:
             return _error(400, "Bad request. Request contains X-Forwarded-For header")
-        versions = parse_qs(parts.query).get("api-version")
+        versions = parse_qs(parts.query, keep_blank_values=True).get("api-version")
         if not versions:
             return _error(400, "Bad request. api-version was not specified")
-        if versions[-1] != self._api_version:
+        other = next((version for version in versions if version != self._api_version), None)
+        if other is not None:  # every one given must be the one served
             return _error(
                 400,
-                f"Bad request. api-version {versions[-1]} is not mirrored here: the agent polls "
+                f"Bad request. api-version {other} is not mirrored here: the agent polls "
                 f"{self._api_version}, and only that document is served",
             )
         snapshot = self._copy.latest()

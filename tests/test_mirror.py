@@ -101,6 +101,11 @@ def test_the_mirror_asks_what_imds_asks(mirrored: Running) -> None:
         timeout=5,
     )
     assert other.status_code == 400 and VERSION in other.json()["error"]
+    for query in (f"api-version=x&api-version={VERSION}", f"api-version={VERSION}&api-version="):
+        both = http.get(
+            f"{mirrored.base}/metadata/scheduledevents?{query}", headers=HEADERS, timeout=5
+        )
+        assert both.status_code == 400, query
     token = http.get(
         f"{mirrored.base}/metadata/identity/oauth2/token?api-version=2018-02-01",
         headers=HEADERS,
