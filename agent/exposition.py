@@ -7,7 +7,10 @@ polls succeed and 503 with the reason otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -48,11 +51,33 @@ class MetricsServer(ThreadingHTTPServer):
         self.mirror = mirror
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._waiting_lock = threading.Lock()
+        self._waiting: dict[Any, float] = {}  # connection -> since when it awaits a request
+
+    def awaiting(self, connection: Any, since: float | None) -> None:
+        """``connection`` waits for a request since ``since``; None: it has one, or is gone."""
+        with self._waiting_lock:
+            if since is None:
+                self._waiting.pop(connection, None)
+            else:
+                self._waiting[connection] = since
+
+    def _evict_longest_waiting(self) -> None:
+        with self._waiting_lock:
+            if not self._waiting:
+                return
+            connection = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[connection]
+        _cut(connection)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # full: this one is closed at once
-            return
+            # Full: the connection that has waited longest for a request it never finished
+            # (a client trickling bytes, say) makes room, so that a probe always gets in.
+            self._evict_longest_waiting()
+            if not self._slots.acquire(timeout=1.0):
+                self.shutdown_request(request)  # still full: this one is closed at once
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -84,10 +109,33 @@ class MetricsServer(ThreadingHTTPServer):
             self._thread.join(timeout=5)
 
 
+def _cut(connection: Any) -> None:
+    with contextlib.suppress(OSError):  # closed already
+        connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns, and it ends
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     wbufsize = -1  # headers and body in one write: no Nagle delay for the scraper
     timeout = IDLE_SECONDS
+
+    def handle_one_request(self) -> None:
+        """One request, which must arrive whole and be answered within ``IDLE_SECONDS`` of
+        the moment the connection began waiting for it: a client that trickles a byte at a
+        time keeps no slot longer than a silent one."""
+        self.server.awaiting(self.connection, time.monotonic())
+        timer = threading.Timer(IDLE_SECONDS, _cut, args=(self.connection,))
+        timer.daemon = True
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+            self.server.awaiting(self.connection, None)
+
+    def parse_request(self) -> bool:
+        self.server.awaiting(self.connection, None)  # it has a request: not to be evicted
+        return super().parse_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: scrapes every few seconds would drown the agent's own log."""

@@ -629,3 +629,40 @@ def test_status_reads_a_state_file_whose_path_holds_uri_characters(tmp_path: Pat
         assert len(store.events()) == 2
     finally:
         store.close()
+
+
+def test_clients_that_trickle_their_requests_never_keep_a_probe_out(
+    live: Emulator, tmp_path: Path, processes: list[AgentProcess]
+) -> None:
+    """A byte every 2 s resets no per-read timeout's clock for long: each request must arrive
+    whole within 5 s, and a full listener makes room by dropping the longest waiting."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes.append(AgentProcess(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"}))
+    wait_until(lambda: healthz(url) == 200, timeout=30)
+    stop = threading.Event()
+    connected = []
+
+    def trickle() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                    connected.append(1)
+                    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                        connection.sendall(bytes([byte]))
+                        if stop.wait(2.0):
+                            return
+            except OSError:
+                continue  # cut: come back at once, as an attacker would
+
+    trickling = [threading.Thread(target=trickle, daemon=True) for _ in range(40)]
+    for thread in trickling:
+        thread.start()
+    try:
+        wait_until(lambda: len(connected) >= 40)  # more than the listener's 32 slots
+        answered = sum(healthz(url) == 200 for _ in range(10))
+        assert answered >= 8, f"/healthz answered {answered} of 10 probes"
+    finally:
+        stop.set()
+        for thread in trickling:
+            thread.join(timeout=10)
