@@ -6,8 +6,9 @@ Pure: no I/O, no clock. Invariants:
   either case, unknown EventTypes and extra keys, integer or numeric-string incarnation).
 - One event that cannot be read never hides its siblings: it is kept aside as an
   :class:`UnreadableEvent` (its JSON path, the reason, and its EventId and Resources when those
-  can be read), and every well-formed event is parsed. An EventId that appears twice makes
-  every copy unreadable: which one is meant cannot be known.
+  can be read), and every well-formed event is parsed. An EventId that appears in two
+  entries, readable or not, makes every copy unreadable: which one is meant cannot be known.
+  So does nesting more than ``MAX_EVENT_DEPTH`` levels deep (Azure's events are flat).
 - Where the meaning is unambiguous, a value is coerced: an integral float (``5.0``) is an
   integer.
 - A document that is not one at all (not an object, no ``Events`` list, an incarnation that is
