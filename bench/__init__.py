@@ -1,0 +1,1 @@
+"""The benchmarks of `make bench` (bench/bench.py runs them all)."""
