@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 
 from agent.emulator.server import EmulatorServer
 from agent.emulator.world import World
+from bench.common import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 VM = "web_4"
@@ -56,17 +56,6 @@ def build_slowsync(directory: Path) -> Path | None:
         [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True
     )
     return library
-
-
-def wait_for(condition: Any, timeout: float = 120.0, interval: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(interval)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,11 @@ import yaml
 
 from agent.emulator.server import EmulatorServer
 from agent.emulator.world import World
+from bench.common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "2020-07-01"
 INTERVAL = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Client(threading.Thread):

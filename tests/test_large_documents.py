@@ -117,6 +117,19 @@ def traced(store: Store) -> list[str]:
     return statements
 
 
+def wakes_noted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys every worker pool is asked to wake from now on, in order."""
+    woken: list[str] = []
+    wake = Workers.wake
+
+    def noting(workers: Workers, key: str) -> None:
+        woken.append(key)
+        wake(workers, key)
+
+    monkeypatch.setattr(Workers, "wake", noting)
+    return woken
+
+
 def rows_on_disk(path: Path) -> int:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as reader:
         (count,) = reader.execute("SELECT count(*) FROM events").fetchone()
@@ -172,14 +185,7 @@ def test_a_changed_document_wakes_no_worker_for_other_vms_events(
     agents.append(agent := build_agent(tmp_path, live.url))
     assert agent.daemon.poll()
     assert {agent.store.get(event_id).state for event_id in others} == {IGNORED}  # type: ignore[union-attr]
-    woken: list[str] = []
-    wake = Workers.wake
-
-    def noting(workers: Workers, key: str) -> None:
-        woken.append(key)
-        wake(workers, key)
-
-    monkeypatch.setattr(Workers, "wake", noting)
+    woken = wakes_noted(monkeypatch)
     statements = traced(agent.store)
     live.world.add({"type": "Reboot", "resources": ["web_2000"]})
     moved = live.add_event(type="Freeze", resources=["web_1000"])
@@ -251,14 +257,7 @@ def test_this_vms_event_wakes_no_worker_for_other_vms_events_from_start_to_end(
         live.world.add({"type": "Reboot", "resources": [f"web_{1000 + n}"]}).event_id.lower()
         for n in range(OTHERS)
     }
-    woken: list[str] = []
-    wake = Workers.wake
-
-    def noting(workers: Workers, key: str) -> None:
-        woken.append(key)
-        wake(workers, key)
-
-    monkeypatch.setattr(Workers, "wake", noting)
+    woken = wakes_noted(monkeypatch)
     agents.append(start_agent(tmp_path, live.url))
     mine = live.add_event(type="Reboot", not_before_in_seconds=600, started_for_seconds=0.2)
     wait_until(lambda: f"end recover Reboot {mine['EventId']}" in calls(tmp_path))
