@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Union
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -86,6 +88,9 @@ class StateConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str | None = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+    # The listener serves the metrics, /healthz and a copy of the document: beyond loopback
+    # only when the operator says so.
+    allow_non_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,9 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
-# A message when the value is wrong, else None. (Optional: evaluated at run time on 3.9.)
-Check = Callable[[Any], Optional[str]]
+# A message when the value is wrong, else None; for a mapping, a list of "key: message", one
+# per problem. (Optional and Union: evaluated at run time on 3.9.)
+Check = Callable[[Any], Union[str, list[str], None]]
 
 
 def _text(value: Any) -> str | None:
@@ -177,6 +183,10 @@ def _one_of(*choices: str) -> Check:
         return None
 
     return check
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
 
 
 def _optional_text(value: Any) -> str | None:
@@ -294,13 +304,27 @@ def _hook_types(value: Any) -> str | None:
     return "; ".join(problems) or None
 
 
-def _self_service(value: Any) -> str | None:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of ``metrics.listen``) is this machine's loopback; empty means
+    127.0.0.1."""
+    host = host.strip("[]")
+    if host in ("", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve to any address
+        return False
+
+
+def _self_service(value: Any) -> str | list[str] | None:
     if not isinstance(value, dict):
         return f"expected a mapping, got {value!r}"
-    known = {f.name for f in dataclasses.fields(SelfServiceConfig)}
-    problems = [f"unknown key {key!r}" for key in value if key not in known]
+    known = [f.name for f in dataclasses.fields(SelfServiceConfig)]
+    problems = [
+        f"{key}: unknown key (known: {', '.join(known)})" for key in value if key not in known
+    ]
     if "enabled" in value and not isinstance(value["enabled"], bool):
-        problems.append("enabled: expected true or false")
+        problems.append(f"enabled: expected true or false, got {value['enabled']!r}")
     slots = value.get("slots", [])
     if not isinstance(slots, list) or not all(isinstance(slot, str) for slot in slots):
         problems.append("slots: expected a list like ['Sun 02:00-04:00']")
@@ -319,7 +343,7 @@ def _self_service(value: Any) -> str | None:
     message = _non_negative(24 * 60)(spacing)
     if message:
         problems.append(f"update_domain_spacing_minutes: {message}")
-    return "; ".join(problems) or None
+    return problems
 
 
 # What each key accepts; the sections mirror the dataclasses above.
@@ -359,7 +383,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Check]]] = {
         },
     ),
     "state": (StateConfig, {"path": _text}),
-    "metrics": (MetricsConfig, {"listen": _listen}),
+    "metrics": (MetricsConfig, {"listen": _listen, "allow_non_loopback": _boolean}),
     "arm": (ArmConfig, {"url": _url}),
     "maintenance": (
         MaintenanceConfig,
@@ -417,6 +441,9 @@ def parse(data: Any, source: str = "<config>") -> Config:
     fleet = sections.get("fleet")
     if isinstance(fleet, FleetConfig):
         problems.extend(_fleet_problems(fleet))
+    metrics = sections.get("metrics")
+    if isinstance(metrics, MetricsConfig):
+        problems.extend(_metrics_problems(metrics))
     if problems:
         raise ConfigError(source, problems)
     return Config(**sections)
@@ -451,6 +478,19 @@ def _fleet_problems(fleet: FleetConfig) -> list[str]:
     return problems
 
 
+def _metrics_problems(metrics: MetricsConfig) -> list[str]:
+    if metrics.listen is None or metrics.allow_non_loopback:
+        return []
+    host = metrics.listen.rpartition(":")[0]
+    if is_loopback(host):
+        return []
+    return [
+        f"metrics.listen: {metrics.listen!r} is not a loopback address: the metrics, /healthz "
+        "and the copy of the document would be open to the network (use 127.0.0.1 or [::1], "
+        "or set metrics.allow_non_loopback: true if that is what you want)"
+    ]
+
+
 def _section(name: str, value: Any, problems: list[str]) -> Any:
     cls, checks = _SECTIONS[name]
     if value is None:
@@ -460,12 +500,19 @@ def _section(name: str, value: Any, problems: list[str]) -> Any:
         return None
     values: dict[str, Any] = {}
     before = len(problems)
-    for key, item in value.items():
+    for key, raw in value.items():
         if key not in checks:
             problems.append(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
             continue
+        # Unquoted, YAML reads 2020-07-01 as a date.
+        dated = key == "api_version" and isinstance(raw, datetime.date)
+        item = raw.isoformat() if dated else raw
         message = checks[key](item)
-        if message:
+        if isinstance(message, list):
+            problems.extend(f"{name}.{key}.{entry}" for entry in message)
+            if message:
+                continue
+        elif message:
             problems.append(f"{name}.{key}: {message}")
             continue
         if key == "event_types":
@@ -504,5 +551,9 @@ def load(path: Path | str | None = None) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
+        if isinstance(error, yaml.MarkedYAMLError):  # say the file, not "<unicode string>"
+            for mark in (error.context_mark, error.problem_mark):
+                if mark is not None:
+                    mark.name = str(config_path)
         raise ConfigError(str(config_path), [f"(file): not valid YAML: {error}"]) from None
     return parse(data, str(config_path))

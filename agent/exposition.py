@@ -45,7 +45,10 @@ class MetricsServer(ThreadingHTTPServer):
         mirror: Mirror | None = None,
     ) -> None:
         host, _, port = listen.rpartition(":")
-        super().__init__((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
+        host = host.strip("[]") or "127.0.0.1"
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        super().__init__((host, int(port)), _Handler)
         self.registry = registry
         self.health = health
         self.mirror = mirror
@@ -93,7 +96,8 @@ class MetricsServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
+        host = f"[{host!s}]" if ":" in str(host) else str(host)
+        return f"http://{host}:{port}"
 
     def start(self) -> MetricsServer:
         self._thread = threading.Thread(

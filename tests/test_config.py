@@ -175,3 +175,70 @@ def test_bad_hook_settings_are_refused_with_their_key() -> None:
     assert "'../x': expected a hook's file name" in text
     assert "hooks.skip_freeze_up_to_seconds: expected 0 to 3600" in text
     assert "hooks.skipped_events:" in text
+
+
+def test_an_unquoted_api_version_date_is_read_as_the_version(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("imds:\n  api_version: 2020-07-01\n")  # YAML reads a date
+    assert load(path).imds.api_version == "2020-07-01"
+
+
+def test_an_unquoted_date_that_is_no_version_says_which_were_expected(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("imds:\n  api_version: 2021-02-01\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    assert "'2021-02-01'" in str(raised.value)
+    assert "datetime" not in str(raised.value)
+
+
+def test_a_yaml_error_names_the_file_and_the_line_not_a_unicode_string(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("imds:\n  url: http://127.0.0.1\n  api_version: [\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    text = str(raised.value)
+    assert "<unicode string>" not in text
+    assert f'"{path}", line' in text
+
+
+def test_each_self_service_problem_gets_its_own_line_with_its_dotted_path() -> None:
+    data = {
+        "maintenance": {
+            "self_service": {
+                "enabled": "yes",
+                "slots": ["Sun 02:00-04:00", "Funday 02:00-04:00", "Mon 25:00-26:00"],
+                "time_zone": "Mars/Olympus",
+                "update_domain_spacing_minutes": -1,
+                "colour": "blue",
+                "shade": 3,
+            }
+        }
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse(data, "test.yaml")
+    problems = raised.value.problems
+    assert len(problems) == 7, problems
+    assert all(problem.startswith("maintenance.self_service.") for problem in problems)
+    assert all(";" not in problem for problem in problems)
+    assert str(raised.value).startswith("test.yaml: 7 problem(s):")
+    assert "maintenance.self_service.colour: unknown key" in str(raised.value)
+    zone = "maintenance.self_service.time_zone: unknown time zone 'Mars/Olympus'"
+    assert any(problem.startswith(zone) for problem in problems)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9469", "10.0.0.4:9469", "[::]:9469", "web_4:9469"])
+def test_a_metrics_address_beyond_loopback_is_refused_unless_allowed(listen: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse({"metrics": {"listen": listen}})
+    assert "metrics.listen" in str(raised.value)
+    assert "allow_non_loopback" in str(raised.value)
+    config = parse({"metrics": {"listen": listen, "allow_non_loopback": True}})
+    assert config.metrics.listen == listen
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:9469", "127.0.0.2:9469", "[::1]:9469", "localhost:9469"]
+)
+def test_loopback_metrics_addresses_are_accepted(listen: str) -> None:
+    assert parse({"metrics": {"listen": listen}}).metrics.listen == listen

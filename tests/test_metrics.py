@@ -310,3 +310,17 @@ def test_run_serves_metrics_on_the_configured_address(live: Emulator, tmp_path: 
         finally:
             process.terminate()
             assert process.wait(timeout=30) == 0
+
+
+def test_the_listener_serves_on_the_ipv6_loopback(
+    live: Emulator, tmp_path: Path, running: list[Running]
+) -> None:
+    agent = Running(tmp_path, live.url)
+    server = MetricsServer("[::1]:0", agent.registry, agent.daemon.health).start()
+    try:
+        assert server.url.startswith("http://[::1]:")
+        answer = requests.get(f"{server.url}/metrics", timeout=5)
+        assert answer.status_code == 200
+        assert f"{PREFIX}_polls_total" in answer.text
+    finally:
+        server.stop()
