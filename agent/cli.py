@@ -223,7 +223,9 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
     )
     # A dry run keeps its memory to itself: a later real run must not think work was done.
     store = Store(":memory:" if arguments.dry_run else config.state.path)
-    metrics = Metrics(registry)
+    metrics = Metrics(
+        registry, fleet_backend=config.fleet.backend if config.fleet.url is not None else None
+    )
     # A dry run takes no slot: it would keep other VMs waiting for nothing.
     fleet = (
         None

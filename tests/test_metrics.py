@@ -324,3 +324,46 @@ def test_the_listener_serves_on_the_ipv6_loopback(
         assert f"{PREFIX}_polls_total" in answer.text
     finally:
         server.stop()
+
+
+def exposition(metrics: Metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
+
+
+def test_no_created_series_are_exported() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.hook_run("prepare", "succeeded", 1.5)
+    metrics.approval("succeeded", "posted", 12.0)
+    text = exposition(metrics)
+    assert f"{PREFIX}_hook_runs_total" in text
+    assert "_created" not in text
+
+
+def test_without_a_fleet_no_fleet_error_series_exist() -> None:
+    text = exposition(Metrics(CollectorRegistry()))
+    assert f"{PREFIX}_fleet_errors_total{{" not in text
+
+
+@pytest.mark.parametrize("backend", ["blob", "fleetlock"])
+def test_with_a_fleet_only_its_backend_s_error_series_exist(backend: str) -> None:
+    other = "fleetlock" if backend == "blob" else "blob"
+    text = exposition(Metrics(CollectorRegistry(), fleet_backend=backend))
+    assert f'{PREFIX}_fleet_errors_total{{backend="{backend}",reason="unreachable"}} 0.0' in text
+    assert f'backend="{other}"' not in text
+
+
+def test_the_readme_s_metrics_table_names_every_metric() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = set(re.findall(rf"^\| `({PREFIX}_[a-z_]+)", readme, re.MULTILINE))
+    metrics = Metrics(CollectorRegistry(), fleet_backend="blob")
+    # prometheus_client names a counter's family without its _total.
+    defined = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in metrics.registry.collect()
+    }
+    assert defined - listed == set(), "metrics missing from the README's table"
+    assert listed - defined == set(), "the README lists metrics that do not exist"
