@@ -44,7 +44,13 @@ from agent.errors import (
     ImdsUnavailable,
     OperationCancelled,
 )
-from agent.events import ScheduledEvent, ScheduledEventsDocument, UnreadableEvent
+from agent.events import (
+    SCHEDULED,
+    STARTED,
+    ScheduledEvent,
+    ScheduledEventsDocument,
+    UnreadableEvent,
+)
 from agent.fleet import TICK_SECONDS as FLEET_TICK_SECONDS
 from agent.fleet import FleetGate
 from agent.hooks import (
@@ -612,6 +618,7 @@ class Daemon:
             if record.event != event:
                 self._store.update_event(event, incarnation, now)
                 self._told_changed(event)
+                self._check_approved_elsewhere(record, event, now)
                 if event.affects(self._parts.vm_name):
                     # This VM's: worked now, before the other VMs' events are taken in. One
                     # that was ignored and now names this VM gets the head start a new one does.
@@ -656,6 +663,38 @@ class Daemon:
         if fit.relevant:
             self._head_start.expect(event.key)
         self._workers.wake(event.key)
+
+    def _check_approved_elsewhere(
+        self, record: EventRecord, event: ScheduledEvent, now: datetime
+    ) -> None:
+        """An event of this VM that went from Scheduled to Started before its NotBefore
+        without our approval was approved by someone else: ``az maintenance scheduledevents
+        acknowledge``, the VM's scheduledEventsPolicy, or another VM of a shared event."""
+        before = record.event
+        if (
+            record.state in (IGNORED, DONE)
+            or before.status != SCHEDULED
+            or event.status != STARTED
+            or before.not_before is None
+            or now >= before.not_before  # NotBefore passed: Azure starts it anyway
+            or self._store.approval_may_have_landed(record.key)
+        ):
+            return
+        self._store.approved_elsewhere(record.key, now)
+        self._metrics.approved_elsewhere.labels(type=type_label(event.event_type)).inc()
+        prepared = record.state != PREPARING
+        (self._log.info if prepared else self._log.warning)(
+            "event.approved_elsewhere",
+            event_id=event.event_id,
+            not_before=before.not_before_text,
+            early_seconds=round((before.not_before - now).total_seconds(), 1),
+            prepare_finished=prepared,
+            consequence=(
+                "it started before NotBefore without our approval"
+                if prepared
+                else "the maintenance began before its prepare hooks finished"
+            ),
+        )
 
     def _told_changed(self, event: ScheduledEvent) -> None:
         self._log.info(
@@ -717,10 +756,19 @@ class Daemon:
                     gone.append((key, now - since))
         for key, absent in gone:
             record = self._store.get(key)
+            # Left after it was seen Started: it is over. Left while Scheduled: cancelled.
+            ending = None
+            if record is not None:
+                ending = "completed" if record.event.status == STARTED else "cancelled"
+                if record.state != IGNORED:
+                    self._metrics.events_ended.labels(
+                        type=type_label(record.event_type), ending=ending
+                    ).inc()
             self._log.info(
                 "event.gone",
                 event_id=record.event_id if record else key,
                 state=record.state if record else None,
+                ending=ending,
                 absent_seconds=round(absent, 1),
             )
             self._workers.wake(key)

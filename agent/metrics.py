@@ -51,6 +51,7 @@ APPROVAL_REASONS = {
     ),
 }
 POLL_OUTCOMES = ("changed", "unchanged", "failed")
+ENDINGS = ("completed", "cancelled")
 THREADS = ("poll", "event", "maintenance", "fleet")
 # Why a call to the fleet's coordinator failed: fixed words (see agent/fleet.py).
 FLEET_ERRORS = ("unreachable", "auth", "refused", "server", "bad_answer", "no_token", "lost")
@@ -183,6 +184,19 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.events_ended = Counter(
+            f"{PREFIX}_events_ended_total",
+            "This VM's events that left the document: completed (after Started) or cancelled"
+            " (while Scheduled).",
+            ["type", "ending"],
+            registry=registry,
+        )
+        self.approved_elsewhere = Counter(
+            f"{PREFIX}_events_approved_elsewhere_total",
+            "This VM's events that started before NotBefore without an approval of this agent.",
+            ["type"],
+            registry=registry,
+        )
         self.events_late = Counter(
             f"{PREFIX}_events_late_total",
             "Events first seen already Started, or with NotBefore already passed.",
@@ -241,6 +255,9 @@ class Metrics:
             self.self_service_runs.labels(outcome=run_outcome)
         for event_type in (*KNOWN_TYPES, "other"):
             self.events_late.labels(type=event_type)
+            self.approved_elsewhere.labels(type=event_type)
+            for ending in ENDINGS:
+                self.events_ended.labels(type=event_type, ending=ending)
             for status in (SCHEDULED, STARTED):
                 self.events.labels(type=event_type, status=status).set(0)
         for phase in PHASES:

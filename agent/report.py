@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.lifecycle import ACTIVE
 from agent.logs import printable
-from agent.state import EventRecord, Store
+from agent.state import ELSEWHERE, EventRecord, Store
 
 
 def event_summary(store: Store, record: EventRecord) -> dict[str, Any]:
@@ -41,13 +41,20 @@ def event_summary(store: Store, record: EventRecord) -> dict[str, Any]:
         for approval in store.approvals(record.key)
     ]
     event = record.event
+    not_before = event.not_before
+    if not_before is None and record.announced_not_before is not None:
+        not_before = datetime.fromisoformat(record.announced_not_before)
     return {
         "event_id": record.event_id,
         "occurrence": record.occurrence,
         "type": record.event_type,
-        "status": event.status,
+        "status": event.status,  # as the document last showed it
         "first_status": record.first_status,
-        "not_before": event.not_before.isoformat() if event.not_before else None,
+        # The announced one, kept once the event has started (IMDS then shows none).
+        "not_before": not_before.isoformat() if not_before else None,
+        # completed (left after Started), cancelled (left while Scheduled), or None.
+        "ending": record.ending,
+        "approved_elsewhere": any(a["source"] == ELSEWHERE for a in approvals),
         "resources": list(event.resources),
         "source": event.source,
         "description": event.description,
@@ -173,10 +180,12 @@ def history_text(events: list[dict[str, Any]]) -> str:
 
 
 def _event_lines(event: dict[str, Any]) -> list[str]:
+    # Once it has left the document, how it ended, not the status it last had there.
+    shown = event["ending"] or event["status"]
     lines = [
         f"{event['event_id']}"
         + (f" (occurrence {event['occurrence']})" if event.get("occurrence", 1) > 1 else "")
-        + f"  {event['type']}  {event['status']}  state={event['state']}",
+        + f"  {event['type']}  {shown}  state={event['state']}",
         f"  seen {event['first_seen']}, NotBefore {event['not_before'] or '-'},"
         f" resources {' '.join(event['resources']) or '-'}",
         f"  why: {event['decision'] or event['reason']}",
@@ -187,6 +196,12 @@ def _event_lines(event: dict[str, Any]) -> list[str]:
         status = "" if hook["exit_status"] is None else f" (exit {hook['exit_status']})"
         lines.append(f"  {hook['phase']} hook {hook['hook']}: {hook['outcome']}{status}")
     for approval in event["approvals"]:
+        if approval["source"] == ELSEWHERE:
+            lines.append(
+                f"  approved elsewhere (Started before NotBefore without our POST), seen at "
+                f"{approval['started_at']}"
+            )
+            continue
         lines.append(
             f"  approval ({approval['source']}) at {approval['started_at']}: {approval['outcome']}"
         )

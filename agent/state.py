@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS events (
     first_seen TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     gone_at TEXT,
-    occurrence INTEGER NOT NULL DEFAULT 1
+    occurrence INTEGER NOT NULL DEFAULT 1,
+    announced_not_before TEXT
 );
 CREATE TABLE IF NOT EXISTS hook_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,6 +78,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+# The source of an approval row for an event that started early without our POST (approved
+# by ``az maintenance scheduledevents acknowledge``, a scheduledEventsPolicy, or another VM of a
+# shared event): what was seen, never something this agent sent.
+ELSEWHERE = "elsewhere"
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -96,6 +103,16 @@ class EventRecord:
     updated_at: str
     gone_at: str | None
     occurrence: int = 1
+    # The latest NotBefore the document announced: IMDS shows "" once the event has started.
+    announced_not_before: str | None = None
+
+    @property
+    def ending(self) -> str | None:
+        """How the event left the document: ``completed`` after it was seen Started,
+        ``cancelled`` while still Scheduled; None while it is there."""
+        if self.gone_at is None or self.key.startswith("self-service:"):
+            return None
+        return "completed" if self.event.status == "Started" else "cancelled"
 
 
 @dataclass(frozen=True)
@@ -224,6 +241,9 @@ class Store:
         if "occurrence" not in columns:
             with db:
                 db.execute("ALTER TABLE events ADD COLUMN occurrence INTEGER NOT NULL DEFAULT 1")
+        if "announced_not_before" not in columns:
+            with db:
+                db.execute("ALTER TABLE events ADD COLUMN announced_not_before TEXT")
 
     def changes(self) -> int:
         """Rows written through this connection so far (to check that idle polls write none)."""
@@ -415,13 +435,15 @@ class Store:
         with self._lock:
             self._write(
                 "UPDATE events SET raw = ?, event_type = ?, document_incarnation = ?,"
-                " updated_at = ? WHERE event_key = ?",
+                " updated_at = ?, announced_not_before = COALESCE(?, announced_not_before)"
+                " WHERE event_key = ?",
                 [
                     (
                         json.dumps(event.to_wire()),
                         event.event_type,
                         document_incarnation,
                         _iso(now),
+                        _not_before(event),
                         event.key,
                     )
                     for event in events
@@ -621,7 +643,18 @@ class Store:
 
     def approval_may_have_landed(self, key: str) -> bool:
         """True once a POST succeeded, or was sent and never recorded back (a crash)."""
-        return any(record.outcome in ("succeeded", None) for record in self.approvals(key))
+        return any(
+            record.outcome in ("succeeded", None) and record.source != ELSEWHERE
+            for record in self.approvals(key)
+        )
+
+    def approved_elsewhere(self, key: str, now: datetime) -> None:
+        """Record that the event started early without an approval of ours."""
+        self._write(
+            "INSERT INTO approvals (event_key, source, started_at, ended_at, outcome)"
+            " VALUES (?, ?, ?, ?, 'observed')",
+            (key.lower(), ELSEWHERE, _iso(now), _iso(now)),
+        )
 
     # Meta ----------------------------------------------------------------------------------
 
@@ -654,8 +687,8 @@ def _insert_event(
 ) -> tuple[str, tuple[Any, ...]]:
     return (
         "INSERT INTO events (event_key, event_id, event_type, first_status, state, reason,"
-        " raw, document_incarnation, first_seen, updated_at, occurrence)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " raw, document_incarnation, first_seen, updated_at, occurrence, announced_not_before)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             event.key,
             event.event_id,
@@ -668,8 +701,13 @@ def _insert_event(
             _iso(now),
             _iso(now),
             occurrence,
+            _not_before(event),
         ),
     )
+
+
+def _not_before(event: ScheduledEvent) -> str | None:
+    return _iso(event.not_before) if event.not_before is not None else None
 
 
 def _columns(row: sqlite3.Row, record: type[Any]) -> dict[str, Any]:
@@ -699,6 +737,9 @@ def _event_record(row: sqlite3.Row) -> EventRecord:
         gone_at=row["gone_at"],
         # A file from before occurrences were counted, opened read-only, lacks the column.
         occurrence=row["occurrence"] if "occurrence" in row.keys() else 1,  # noqa: SIM118
+        announced_not_before=(
+            row["announced_not_before"] if "announced_not_before" in row.keys() else None  # noqa: SIM118
+        ),
     )
 
 

@@ -420,6 +420,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ControlError as error:
             self._send_json(error.status, {"error": error.message})
 
+    def _event_action(self, action: str, event_id: str) -> None:
+        """``POST /emulator/events/{id}/ACTION``."""
+        world = self.server.world
+        if action == "complete":
+            world.complete(event_id)
+            self._send_json(200, {"completed": event_id})
+            return
+        actions = {
+            "start": world.start,
+            "co-tenant-approve": world.co_tenant_approve,
+            # Approved outside the VM (az maintenance scheduledevents acknowledge, or the VM's
+            # scheduledEventsPolicy): as an approval POST would, but not on /emulator/approvals.
+            "approve-elsewhere": world.approve_elsewhere,
+        }
+        if action not in actions:
+            raise ControlError(404, f"no control route POST /emulator/events/{event_id}/{action}")
+        self._send_json(200, actions[action](event_id).wire("2020-07-01"))
+
     def _route_control(self, method: str, segments: list[str], payload: Any) -> None:
         world = self.server.world
         route = (method, *segments[:1], *(["{id}"] if len(segments) > 1 else []), *segments[2:])
@@ -437,14 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == ("DELETE", "events", "{id}"):
             world.cancel(segments[1])
             self._send_json(200, {"cancelled": segments[1]})
-        elif route == ("POST", "events", "{id}", "start"):
-            self._send_json(200, world.start(segments[1]).wire("2020-07-01"))
-        elif route == ("POST", "events", "{id}", "complete"):
-            world.complete(segments[1])
-            self._send_json(200, {"completed": segments[1]})
-        elif route == ("POST", "events", "{id}", "co-tenant-approve"):
-            event = world.co_tenant_approve(segments[1])
-            self._send_json(200, event.wire("2020-07-01"))
+        elif route[:3] == ("POST", "events", "{id}") and len(route) == 4:
+            self._event_action(route[3], segments[1])
         elif route == ("GET", "approvals"):
             with world.lock:
                 self._send_json(200, list(world.approvals))

@@ -224,6 +224,16 @@ class World:
                 self._start(event, self.now())
             return event
 
+    def approve_elsewhere(self, event_id: str) -> EmulatedEvent:
+        """Approved from outside the VM: released as by an approval POST, none recorded."""
+        with self.lock:
+            event = self.get(event_id)
+            if event.status == "Scheduled":
+                event.approved = True
+                if event.co_tenant_approvals == 0:
+                    self._start(event, self.now())
+            return event
+
     def unknown_ids(self, event_ids: Iterable[str]) -> list[str]:
         with self.lock:
             return [event_id for event_id in event_ids if self._find(event_id) is None]
