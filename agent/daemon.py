@@ -223,14 +223,18 @@ class Daemon:
 
     # The loop ------------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Poll every interval until stopped; then let running work finish its grace."""
+    def _announce(self, *, once: bool) -> None:
         self._log.info(
             "agent.started",
             imds_url=self._config.imds.url,
             dry_run=self._parts.dry_run,
+            once=once,
             poll_interval_seconds=self._config.imds.poll_interval_seconds,
         )
+
+    def run(self) -> int:
+        """Poll every interval until stopped; then let running work finish its grace."""
+        self._announce(once=False)
         self._report_moved_aside()
         self._stop_orphans()
         interval = self._config.imds.poll_interval_seconds
@@ -366,6 +370,7 @@ class Daemon:
         from the document is polled for until its grace is over, so that it is recovered now.
 
         1 when the poll failed or an approval could not be sent."""
+        self._announce(once=True)
         self._report_moved_aside()
         self._stop_orphans()
         if self._fleet is not None:

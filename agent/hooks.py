@@ -495,14 +495,20 @@ class HookRunner:
         result = HookResult(
             hook.name, outcome, status, attempts, "".join(tail), started_at, ended_at
         )
-        event = "hook.finished" if outcome == SUCCEEDED else "hook.failed"
-        (log.info if outcome == SUCCEEDED else log.error)(
-            event,
-            outcome=outcome,
-            exit_status=status,
-            attempts=attempts,
-            duration_seconds=round(duration, 3),
-        )
+        facts = {
+            "outcome": outcome,
+            "exit_status": status,
+            "attempts": attempts,
+            "duration_seconds": round(duration, 3),
+        }
+        if outcome == SUCCEEDED:
+            log.info("hook.finished", **facts)
+        elif outcome == INTERRUPTED:
+            # The agent is stopping (a planned stop): no failure; the hook runs again at the
+            # next start.
+            log.info("hook.interrupted", **facts, consequence="runs again when the agent starts")
+        else:
+            log.error("hook.failed", **facts)
         return result
 
     def _run_checked(self, run: _Run, attempt: int) -> tuple[str, int | None]:

@@ -193,6 +193,7 @@ class ImdsClient:
         self._last_body: bytes | None = None
         self._last_document: ScheduledEventsDocument | None = None
         self._last_retry_reason: str | None = None
+        self._gave_up = False  # the last request ran out of retries (its caller was told)
         # The latest document as IMDS answered it, for the local mirror.
         self.copy = DocumentCopy()
 
@@ -349,6 +350,7 @@ class ImdsClient:
             if self._stop.is_set():
                 raise OperationCancelled(f"stopped while retrying {url}") from None
             attempts = retrying.statistics.get("attempt_number", 1)
+            self._gave_up = True
             raise ImdsUnavailable(
                 f"imds: {failure.description} from {url}; gave up after {attempts} attempts "
                 f"in {budget_seconds:g} s (is this an Azure VM, and is imds.url right?)",
@@ -358,8 +360,12 @@ class ImdsClient:
                 cause=failure.description,
             ) from None
         if self._last_retry_reason is not None:
-            self._log.info("imds.recovered", url=url, after=self._last_retry_reason)
+            # After a give-up the caller was told of the failure, and tells of the recovery
+            # itself (imds.poll_recovered): one recovery, one line.
+            if not self._gave_up:
+                self._log.info("imds.recovered", url=url, after=self._last_retry_reason)
             self._last_retry_reason = None
+        self._gave_up = False
         return result
 
     def _wait_seconds(self, state: RetryCallState) -> float:

@@ -362,6 +362,13 @@ def _hooks_needed(s: Situation, skipped: str | None) -> bool:
 def _decision(
     s: Situation, policy: Policy, prepare_succeeded: bool, skipped: str | None = None
 ) -> Decision:
+    decision = _real_decision(s, policy, prepare_succeeded, skipped)
+    return _dry(decision, skipped) if policy.dry_run else decision
+
+
+def _real_decision(
+    s: Situation, policy: Policy, prepare_succeeded: bool, skipped: str | None
+) -> Decision:
     decision = decide_approval(
         s.event,
         vm_name=policy.vm_name,
@@ -378,4 +385,17 @@ def _decision(
         )
     return Decision(
         False, f"{skipped}; left to Azure (hooks.skipped_events is leave)", "short_freeze"
+    )
+
+
+def _dry(decision: Decision, skipped: str | None) -> Decision:
+    """A dry run's decision says so: no hook ran, so none succeeded."""
+    if not decision.approve:
+        return Decision(False, f"dry run: would not approve: {decision.reason}", decision.code)
+    if skipped is not None:
+        return Decision(True, f"dry run: would approve: {decision.reason}", decision.code)
+    if decision.code == "prepare_succeeded":
+        return Decision(True, "dry run: would approve (no hook was run)", decision.code)
+    return Decision(
+        True, f"dry run: would approve ({decision.reason}; no hook was run)", decision.code
     )

@@ -3,6 +3,9 @@ cancellation told from a completion, an event approved by someone else, and no f
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,14 +19,16 @@ from agent.lifecycle import DONE, PREPARING
 from agent.metrics import PREFIX
 from tests.agent_harness import RunningAgent, start_agent, state_of
 from tests.conftest import Emulator, approved_ids, wait_until
+from tests.test_cli_agent import agent as command
+from tests.test_cli_agent import log_events, write_config
 
 
 @pytest.fixture
 def agents() -> Iterator[list[RunningAgent]]:
     started: list[RunningAgent] = []
     yield started
-    for agent in started:
-        agent.close()
+    for running in started:
+        running.close()
 
 
 def metric(agent: RunningAgent, name: str, **labels: str) -> float:
@@ -163,3 +168,74 @@ def test_a_not_before_moved_later_is_the_one_kept(
     live.control("POST", f"events/{event['EventId']}/start")
     wait_until(lambda: summary(agent, event["EventId"]).get("status") == "Started")
     assert summary(agent, event["EventId"])["not_before"] == later.isoformat()
+
+
+# --dry-run, recoveries and planned stops, as the real process logs them ----------------------
+
+
+def test_a_dry_run_once_says_so_and_never_claims_hooks_succeeded(
+    live: Emulator, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, live.url)
+    live.add_event(type="Reboot")
+    completed = command("run", "--once", "--dry-run", "--config", str(config))
+    assert completed.returncode == 0, completed.stderr
+    logs = log_events(completed.stderr)
+    (started,) = [entry for entry in logs if entry["event"] == "agent.started"]
+    assert started["dry_run"] is True
+    (decision,) = [entry for entry in logs if entry["event"] == "event.approval_decision"]
+    assert decision["reason"].startswith("dry run: would approve")
+    assert "prepare hooks succeeded" not in completed.stderr
+
+
+def test_a_real_run_once_logs_agent_started_without_dry_run(live: Emulator, tmp_path: Path) -> None:
+    config = write_config(tmp_path, live.url)
+    completed = command("run", "--once", "--config", str(config))
+    assert completed.returncode == 0, completed.stderr
+    (started,) = [e for e in log_events(completed.stderr) if e["event"] == "agent.started"]
+    assert started["dry_run"] is False
+
+
+def test_one_recovery_of_imds_is_logged_once(
+    live: Emulator, tmp_path: Path, agents: list[RunningAgent]
+) -> None:
+    with capture_logs() as logs:
+        agents.append(start_agent(tmp_path, live.url))
+        wait_until(lambda: any(log["event"] == "agent.started" for log in logs))
+        # Longer than a poll's retry budget: the poll fails, then IMDS comes back.
+        live.control("POST", "faults", {"status": 500, "count": 10_000})
+        wait_until(lambda: any(log["event"] == "imds.poll_failed" for log in logs), timeout=30)
+        live.control("POST", "reset")
+        wait_until(lambda: any(log["event"] == "imds.poll_recovered" for log in logs), timeout=30)
+        # And a blip that a retry rides out is logged once by the client, the poll never failing.
+        blip_from = len(logs)
+        live.control("POST", "faults", {"status": 500, "count": 1})
+        wait_until(lambda: any(log["event"] == "imds.recovered" for log in logs[blip_from:]))
+    names = [log["event"] for log in logs]
+    assert names.count("imds.poll_recovered") == 1
+    assert names[:blip_from].count("imds.recovered") == 0, "one recovery, two log lines"
+    assert names[blip_from:].count("imds.poll_recovered") == 0
+
+
+def test_a_planned_stop_logs_no_failed_hook_at_error_level(live: Emulator, tmp_path: Path) -> None:
+    (tmp_path / "block-prepare-Reboot").touch()
+    config = write_config(tmp_path, live.url)
+    with (tmp_path / "out.log").open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            live.add_event(type="Reboot")
+            wait_until((tmp_path / "pid-prepare-Reboot").exists, timeout=30)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    logs = log_events((tmp_path / "out.log").read_text())
+    assert not [entry for entry in logs if entry["event"] == "hook.failed"]
+    assert not [entry for entry in logs if entry.get("level") == "error"]
+    (interrupted,) = [entry for entry in logs if entry["event"] == "hook.interrupted"]
+    assert interrupted["outcome"] == "interrupted"
