@@ -275,7 +275,9 @@ def _run_locked(config: config_module.Config, arguments: argparse.Namespace, log
     if config.metrics.listen is not None and not arguments.once:
         try:
             mirror = Mirror(imds.copy, api_version=config.imds.api_version, now=clock.monotonic)
-            server = MetricsServer(config.metrics.listen, registry, daemon.health, mirror).start()
+            server = MetricsServer(
+                config.metrics.listen, registry, daemon.health, mirror, daemon.live_status
+            ).start()
         except OSError as error:
             store.close()
             imds.close()
@@ -356,10 +358,21 @@ def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
     from agent import report
     from agent.state import Store
 
+    if arguments.command == "status":
+        live = _live_status(config)
+        if live is not None:
+            status = live
+            if config.fleet.url is not None:
+                status["fleet"] = {**(status["fleet"] or {}), **_fleet_holders(config)}
+            print(json.dumps(status, indent=2) if arguments.json else report.status_text(status))
+            return EXIT_OK
     store = Store(config.state.path, read_only=True)
     try:
         if arguments.command == "status":
             status = report.status(store)
+            status["source"] = "store"
+            if config.metrics.listen is not None:
+                status["source_note"] = f"no agent answering on {config.metrics.listen}"
             if config.fleet.url is not None:
                 status["fleet"] = {**(status["fleet"] or {}), **_fleet_holders(config)}
             print(json.dumps(status, indent=2) if arguments.json else report.status_text(status))
@@ -372,6 +385,41 @@ def _report(config: config_module.Config, arguments: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _live_status(config: config_module.Config) -> dict[str, Any] | None:
+    """The running daemon's own status over its listener, if it answers for this state file
+    (not a dry run's memory, nor another agent's); None otherwise."""
+    import requests
+
+    if config.metrics.listen is None:
+        return None
+    host, _, port = config.metrics.listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):  # noqa: S104 (listening everywhere: ask it on loopback)
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    session = requests.Session()
+    session.trust_env = False  # never through a proxy: this is the machine's own listener
+    try:
+        answer = session.get(f"http://{host}:{port}/status", timeout=(1, 5))
+        status = answer.json() if answer.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+    finally:
+        session.close()
+    if not isinstance(status, dict) or status.get("source") != "live":
+        return None
+    ours = os.path.realpath(config.state.path)
+    if (
+        not isinstance(status.get("state_path"), str)
+        or os.path.realpath(status["state_path"]) != ours
+    ):
+        return None
+    return status
 
 
 def _fleet_holders(config: config_module.Config) -> dict[str, object]:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from agent import report
 from agent.clock import Clock
 from agent.config import Config
 from agent.errors import (
@@ -208,6 +209,7 @@ class Daemon:
         self._metrics = parts.metrics if parts.metrics is not None else Metrics(CollectorRegistry())
         self._notifier = parts.notifier if parts.notifier is not None else Notifier({})
         self._last_success: float | None = None
+        self._last_success_at: datetime | None = None  # its wall-clock time, for status
         self._ready = False
         self._degraded_reported = False
         self._redeploy_for: dict[str, str] = {}  # Redeploy event key -> self-service key
@@ -425,6 +427,7 @@ class Daemon:
         self._expire_absent(document)
         self._retry_failed_work()
         self._last_success = self._clock.monotonic()
+        self._last_success_at = self._clock.now()
         self._metrics.poll(
             "changed" if changed else "unchanged",
             self._last_success - started,
@@ -495,6 +498,27 @@ class Daemon:
         # An entry that cannot be read but names this VM is never approved: a failed prepare.
         prepare_failed += sum(1 for entry in latest.unreadable if entry.may_affect(vm_name))
         self._metrics.document(latest.incarnation, mine, approved, prepare_failed)
+
+    def live_status(self) -> dict[str, Any]:
+        """What ``status`` shows, current to the last poll: the store's records, with the
+        last poll and incarnation from memory (the store has them once a minute)."""
+        status = report.status(self._store)
+        latest = self._latest
+        status.update(
+            source="live",
+            pid=os.getpid(),
+            dry_run=self._parts.dry_run,
+            state_path=self._store.path,
+            vm_name=self._parts.vm_name,
+            last_poll_at=(
+                self._last_success_at.isoformat(timespec="seconds")
+                if self._last_success_at is not None
+                else None
+            ),
+            document_incarnation=latest.incarnation if latest is not None else None,
+            healthy=self.health()[0],
+        )
+        return status
 
     def _heartbeat(self, document: ScheduledEventsDocument) -> None:
         now = self._clock.monotonic()

@@ -1,5 +1,6 @@
-"""The agent's listener: ``/metrics`` for Prometheus, ``/healthz`` for probes, and the local
-mirror of the Scheduled Events document (``/metadata/scheduledevents``, agent/mirror.py).
+"""The agent's listener: ``/metrics`` for Prometheus, ``/healthz`` for probes, ``/status`` (what
+``scheduled-events-agent status`` shows, live), and the local mirror of the Scheduled Events
+document (``/metadata/scheduledevents``, agent/mirror.py).
 
 Serves on ``metrics.listen`` (loopback by default) from a thread; ``/healthz`` answers 200 while
 polls succeed and 503 with the reason otherwise.
@@ -8,6 +9,7 @@ polls succeed and 503 with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.errors import AgentError
 from agent.mirror import Answer, Mirror
 
 HealthCheck = Callable[[], "tuple[bool, str]"]
@@ -27,6 +30,8 @@ MAX_CONNECTIONS = 32
 IDLE_SECONDS = 5.0
 # A request body (an approval POSTed to the mirror) is read up to this size, to be refused.
 MAX_REQUEST_BYTES = 64 * 1024
+# /status is computed at most this often (it reads the state store).
+STATUS_SECONDS = 1.0
 
 
 class MetricsServer(ThreadingHTTPServer):
@@ -43,6 +48,7 @@ class MetricsServer(ThreadingHTTPServer):
         registry: CollectorRegistry,
         health: HealthCheck,
         mirror: Mirror | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
@@ -52,6 +58,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.registry = registry
         self.health = health
         self.mirror = mirror
+        self.status = _Cached(status, STATUS_SECONDS) if status is not None else None
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._waiting_lock = threading.Lock()
@@ -113,6 +120,25 @@ class MetricsServer(ThreadingHTTPServer):
             self._thread.join(timeout=5)
 
 
+class _Cached:
+    """``compute()``, made at most once per ``seconds``: a client asking for the status in a
+    loop costs the agent one reading of its store a second."""
+
+    def __init__(self, compute: Callable[[], dict[str, Any]], seconds: float) -> None:
+        self._compute = compute
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self._seconds:
+                self._value = self._compute()
+                self._at = time.monotonic()
+            return self._value
+
+
 def _cut(connection: Any) -> None:
     with contextlib.suppress(OSError):  # closed already
         connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns, and it ends
@@ -150,11 +176,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(self.server.mirror.answer("GET", self.path, self.headers.get))
         elif path == "/metrics":
             self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path == "/status" and self.server.status is not None:
+            try:
+                body = json.dumps(self.server.status.get(), indent=2).encode()
+            except AgentError as error:  # the store cannot be read: status falls back
+                self._send(503, f"{error}\n".encode(), "text/plain; charset=utf-8")
+                return
+            self._send(200, body, "application/json")
         elif path == "/healthz":
             healthy, reason = self.server.health()
             self._send(200 if healthy else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8")
         else:
-            self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+            self._send(
+                404, b"not found: try /metrics, /healthz or /status\n", "text/plain; charset=utf-8"
+            )
 
     def do_HEAD(self) -> None:
         if self.path.startswith("/metadata") and self.server.mirror is not None:

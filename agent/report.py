@@ -95,10 +95,17 @@ def history(store: Store, limit: int) -> list[dict[str, Any]]:
 
 
 def status_text(report: dict[str, Any]) -> str:
+    if report.get("source") == "live":
+        poll = f"last poll: {report['last_poll_at'] or 'none yet'}"
+        where = f"live from the running agent (pid {report['pid']})"
+    else:
+        poll = f"last poll recorded: {report['last_poll_at'] or 'never'}"
+        where = "from the state store" + (
+            f": {report['source_note']}" if report.get("source_note") else ""
+        )
     lines = [
         f"vm: {report['vm_name'] or 'unknown'}",
-        f"last poll recorded: {report['last_poll_at'] or 'never'}"
-        f" (incarnation {report['document_incarnation'] or '-'})",
+        f"{poll} (incarnation {report['document_incarnation'] or '-'}; {where})",
     ]
     windows = report.get("maintenance")
     if report.get("maintenance_checked_at") is None:

@@ -596,10 +596,13 @@ def test_a_state_path_that_is_no_file_leaves_the_agent_in_memory_and_stoppable(
     make(tmp_path / "state.db")
     agent, url = prepared_and_approved(live, tmp_path, processes)
     assert metric(url, "scheduled_events_agent_state_degraded", "") == 1
-    # status and history refuse the path with a message, at once, and touch nothing.
-    for completed in reports(agent):
-        assert completed.returncode != 0
-        assert "state.db" in completed.stderr and "Traceback" not in completed.stderr
+    # status is answered live by the agent, from its memory; history refuses the path with a
+    # message, at once, and touches nothing.
+    status, history = reports(agent)
+    assert status.returncode == 0, status.stderr
+    assert "live from the running agent" in status.stdout
+    assert history.returncode != 0
+    assert "state.db" in history.stderr and "Traceback" not in history.stderr
     started = time.monotonic()
     assert agent.stop() == 0
     assert time.monotonic() - started < STOP_TIMEOUT_SECONDS

@@ -3,6 +3,7 @@ cancellation told from a completion, an event approved by someone else, and no f
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from tests.agent_harness import RunningAgent, start_agent, state_of
 from tests.conftest import Emulator, approved_ids, wait_until
 from tests.test_cli_agent import agent as command
 from tests.test_cli_agent import log_events, write_config
+from tests.test_never_down import free_port
 
 
 @pytest.fixture
@@ -239,3 +241,72 @@ def test_a_planned_stop_logs_no_failed_hook_at_error_level(live: Emulator, tmp_p
     assert not [entry for entry in logs if entry.get("level") == "error"]
     (interrupted,) = [entry for entry in logs if entry["event"] == "hook.interrupted"]
     assert interrupted["outcome"] == "interrupted"
+
+
+# status, live from the running daemon ------------------------------------------------------
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    completed = command("status", "--config", str(config), "--json")
+    assert completed.returncode == 0, completed.stderr
+    answer: dict[str, Any] = json.loads(completed.stdout)
+    return answer
+
+
+def test_status_is_live_while_the_daemon_runs_and_the_store_otherwise(
+    live: Emulator, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    with (tmp_path / "out.log").open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            event = live.add_event(type="Reboot", not_before_in_seconds=600)
+            wait_until(lambda: approved_ids(live) == [event["EventId"]], timeout=30)
+            # Other VMs' events: new incarnations, nothing for this agent to write down.
+            for _ in range(3):
+                live.add_event(type="Freeze", resources=["web_9"])
+            incarnation = live.control("GET", "stats").json()["incarnation"]
+            wait_until(lambda: status_json(config)["document_incarnation"] == incarnation)
+            status = status_json(config)
+            assert status["source"] == "live"
+            assert status["pid"] == process.pid
+            assert [e["event_id"] for e in status["events"]] == [event["EventId"]]
+            text = command("status", "--config", str(config)).stdout
+            assert f"live from the running agent (pid {process.pid})" in text
+            assert f"incarnation {incarnation}" in text
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+    stored = status_json(config)
+    assert stored["source"] == "store"
+    assert [e["event_id"] for e in stored["events"]] == [event["EventId"]]
+    text = command("status", "--config", str(config)).stdout
+    assert f"no agent answering on 127.0.0.1:{port}" in text
+
+
+def test_status_never_shows_a_dry_run_s_memory_as_this_state(
+    live: Emulator, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, live.url, metrics={"listen": f"127.0.0.1:{port}"})
+    assert command("run", "--once", "--config", str(config)).returncode == 0
+    with (tmp_path / "out.log").open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--dry-run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            live.add_event(type="Reboot", not_before_in_seconds=600)
+            wait_until(lambda: "event.would_approve" in (tmp_path / "out.log").read_text(), 30)
+            status = status_json(config)
+            assert status["source"] == "store"
+            assert status["events"] == []
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
