@@ -72,6 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="approve even an event shared with other VMs"
     )
 
+    rehearse = commands.add_parser(
+        "rehearse",
+        help="run the prepare and recover hooks for a synthetic event on a private emulator",
+    )
+    _config_option(rehearse)
+    rehearse.add_argument("--type", default="Preempt", help="event type (default Preempt)")
+    rehearse.add_argument(
+        "--notice",
+        type=float,
+        metavar="SECONDS",
+        help="seconds from the event's arrival to NotBefore (default: the type's minimum)",
+    )
+    rehearse.add_argument(
+        "--all-types",
+        action="store_true",
+        help="each type in events.types with its minimum notice, in one table",
+    )
+    rehearse.add_argument("--json", action="store_true", help="JSON for scripts")
+
     emulator = commands.add_parser(
         "emulator", help="serve an emulator of the IMDS endpoints, to rehearse hooks off Azure"
     )
@@ -133,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(config, arguments)
         if arguments.command == "approve":
             return _approve(config, arguments)
+        if arguments.command == "rehearse":
+            return _rehearse(parser, config, arguments)
     except AgentError as error:
         print(f"scheduled-events-agent {arguments.command}: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -511,6 +532,39 @@ def _approve(config: config_module.Config, arguments: argparse.Namespace) -> int
         imds.close()
     _say(f"approved {event.event_id} ({event.event_type}, {' '.join(event.resources)})")
     return EXIT_OK
+
+
+def _rehearse(
+    parser: argparse.ArgumentParser, config: config_module.Config, arguments: argparse.Namespace
+) -> int:
+    from agent.events import KNOWN_TYPES
+    from agent.rehearse import as_json, default_notice, rehearse, table, text
+
+    if arguments.type not in KNOWN_TYPES:
+        parser.error(f"--type must be one of {', '.join(KNOWN_TYPES)}, got {arguments.type!r}")
+    if arguments.notice is not None and not 0 < arguments.notice <= 7 * 24 * 3600:
+        parser.error(
+            f"--notice must be more than 0 seconds and at most a week, got {arguments.notice}"
+        )
+    logs.configure(config.logging.format, "warning")  # the report is the output
+    types = list(config.events.types) if arguments.all_types else [arguments.type]
+    results = [
+        rehearse(
+            config,
+            event_type,
+            arguments.notice
+            if arguments.notice is not None and not arguments.all_types
+            else default_notice(event_type),
+        )
+        for event_type in types
+    ]
+    if arguments.json:
+        print(json.dumps([as_json(result) for result in results], indent=2))
+    elif arguments.all_types:
+        print(table(results))
+    else:
+        print(text(results[0]))
+    return EXIT_OK if all(result.fits for result in results) else EXIT_FAILURE
 
 
 def _listen_advice(error: OSError, arguments: argparse.Namespace) -> str:
